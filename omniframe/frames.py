@@ -1,0 +1,278 @@
+"""Frames: the small immutable messages that travel between stages.
+
+Every frame is a frozen dataclass with a monotonic creation timestamp ``ts`` (seconds, from
+:func:`time.monotonic`) and the number of the user ``turn`` it belongs to (0: no turn yet, or
+not part of any turn, such as raw input audio).
+
+Three families decide how the bus treats a frame:
+
+* :class:`DataFrame` (audio, features, text, codes): ordered, and dropped by an interruption
+  when they belong to an older turn than the one that interrupted.
+* :class:`ControlFrame` (end of turn, end of stream, speech start/end): ordered with the data,
+  never dropped by an interruption. End of stream waits for queued data: the pipeline drains.
+* :class:`SystemFrame` (interrupt, error): urgent. They overtake queued data on every edge.
+
+Audio payloads are numpy arrays (float32, mono, -1..1) annotated loosely so that importing
+this module does not import numpy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "AudioCodesFrame",
+    "AudioFrame",
+    "ControlFrame",
+    "DataFrame",
+    "EndOfStreamFrame",
+    "EndOfTurnFrame",
+    "ErrorFrame",
+    "FeaturesFrame",
+    "Frame",
+    "InterruptFrame",
+    "OutputAudioFrame",
+    "SpeechEndFrame",
+    "SpeechStartFrame",
+    "SystemFrame",
+    "TextDeltaFrame",
+    "TranscriptFrame",
+    "UserTurnFrame",
+    "frame_types",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Frame:
+    """Base of every frame.
+
+    Parameters:
+        turn: the user turn this frame belongs to; 0 when it belongs to none.
+        ts: monotonic creation time in seconds.
+    """
+
+    urgent: ClassVar[bool] = False
+    """Urgent frames overtake queued data (see :class:`SystemFrame`)."""
+
+    turn: int = 0
+    ts: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataFrame(Frame):
+    """Ordered payload; dropped by an interruption if it belongs to an older turn."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlFrame(Frame):
+    """Ordered with the data; never dropped."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemFrame(Frame):
+    """Urgent: travels on a separate lane that overtakes queued data."""
+
+    urgent: ClassVar[bool] = True
+
+
+# --------------------------------------------------------------------------------- audio in
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AudioFrame(DataFrame):
+    """A piece of input audio (the user's side).
+
+    Parameters:
+        samples: float32 mono samples in -1..1, shape (n,).
+        sample_rate: samples per second.
+        pts: position of the first sample in the input stream, in seconds.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    pts: float = 0.0
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeechStartFrame(ControlFrame):
+    """The VAD heard the user start speaking; opens turn ``turn``.
+
+    Parameters:
+        pts: stream position (seconds) where speech started.
+    """
+
+    pts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeechEndFrame(ControlFrame):
+    """The VAD decided the user stopped speaking (after its hangover).
+
+    Parameters:
+        pts: stream position (seconds) where speech ended.
+        speech_end_ts: monotonic time at which the last voiced audio arrived, i.e. the moment
+            the user actually stopped; ``ts`` of this frame minus this is the VAD's wait.
+    """
+
+    pts: float = 0.0
+    speech_end_ts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserTurnFrame(DataFrame):
+    """A finished user utterance: all its audio at once.
+
+    Parameters:
+        samples: float32 mono samples of the utterance.
+        sample_rate: samples per second.
+        start_pts, end_pts: where the utterance lies in the input stream (seconds).
+        speech_end_ts: monotonic time the user stopped speaking (see :class:`SpeechEndFrame`).
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    start_pts: float = 0.0
+    end_pts: float = 0.0
+    speech_end_ts: float = 0.0
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+# ---------------------------------------------------------------------------- understanding
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeaturesFrame(DataFrame):
+    """Encoder features of a user turn (for example Whisper encoder states).
+
+    Parameters:
+        features: an array or tensor, (frames, dim); the producing plugin documents its type.
+        frame_rate: feature frames per second.
+        encoder: name of the encoder that made them (consumers check compatibility).
+        speech_end_ts: carried over from the user turn, for latency metrics.
+    """
+
+    features: Any
+    frame_rate: float
+    encoder: str = ""
+    speech_end_ts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TranscriptFrame(DataFrame):
+    """What the user said, as text (from ASR).
+
+    Parameters:
+        text: the transcript.
+        final: False for partial hypotheses.
+        words: optional word timings, ``(word, start_s, end_s)``.
+        speech_end_ts: carried over from the user turn, for latency metrics.
+    """
+
+    text: str
+    final: bool = True
+    words: tuple[tuple[str, float, float], ...] = ()
+    speech_end_ts: float = 0.0
+
+
+# ----------------------------------------------------------------------------------- answer
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextDeltaFrame(DataFrame):
+    """A piece of the agent's text answer, as soon as it is decoded."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AudioCodesFrame(DataFrame):
+    """Discrete audio codes of the answer: one codec frame (e.g. 7 SNAC codes per 85.3 ms).
+
+    Parameters:
+        codes: the codes of one frame, in the codec's own order.
+        codec: codec name, e.g. ``"snac_24khz"``.
+        index: frame number within the turn, from 0.
+    """
+
+    codes: tuple[int, ...]
+    codec: str = "snac_24khz"
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputAudioFrame(DataFrame):
+    """A chunk of the agent's speech.
+
+    Parameters:
+        samples: float32 mono samples in -1..1.
+        sample_rate: samples per second.
+        text: the text this chunk speaks, where the producer knows it (for truncation).
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    text: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndOfTurnFrame(ControlFrame):
+    """The agent finished (or abandoned) its answer to ``turn``.
+
+    Parameters:
+        reason: ``completed``, ``interrupted``, ``max_tokens``, ``empty`` or ``error``.
+        text: the whole text answer, where the producer knows it.
+    """
+
+    reason: Literal["completed", "interrupted", "max_tokens", "empty", "error"] = "completed"
+    text: str | None = None
+
+
+# ---------------------------------------------------------------------------------- control
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InterruptFrame(SystemFrame):
+    """Barge-in: the user started turn ``turn``; drop everything of older turns downstream."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorFrame(SystemFrame):
+    """A recoverable problem a stage reports without stopping the pipeline.
+
+    Parameters:
+        stage: name of the stage that reports it.
+        message: what went wrong and what to do.
+    """
+
+    stage: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndOfStreamFrame(ControlFrame):
+    """The input has ended. Ordered: it arrives after every frame produced before it."""
+
+
+def frame_types() -> dict[str, type[Frame]]:
+    """Every frame class defined here, by name (for configs, docs and listings)."""
+    return {
+        name: obj
+        for name, obj in globals().items()
+        if isinstance(obj, type) and issubclass(obj, Frame)
+    }

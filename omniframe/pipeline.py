@@ -1,0 +1,356 @@
+"""The pipeline: stages in a chain, connected by bounded anyio memory object streams.
+
+Each edge between two stages has two lanes:
+
+* the data lane, a bounded stream (``buffer`` frames): backpressure, strict order;
+* the urgent lane, for :class:`~omniframe.frames.SystemFrame` (interrupt, error), which
+  overtakes whatever data is queued.
+
+One task group runs every stage. A stage that raises cancels the rest and the pipeline raises
+a :class:`StageError` naming it. End of input travels as an ordered
+:class:`~omniframe.frames.EndOfStreamFrame` followed by closing the streams, so everything
+produced before it is delivered: the pipeline drains.
+
+An :class:`~omniframe.frames.InterruptFrame` for turn ``n`` (barge-in) makes every stage
+downstream of the one that sent it cancel the ``process`` call in flight if it works on an
+older turn, drop queued data frames of older turns as they come up, and call
+``Stage.interrupt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import structlog
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from omniframe.frames import (
+    AudioFrame,
+    DataFrame,
+    EndOfStreamFrame,
+    ErrorFrame,
+    Frame,
+    InterruptFrame,
+)
+from omniframe.metrics import MetricsCollector, RunResult, StageMetrics
+from omniframe.session import Session
+from omniframe.stage import Stage
+
+__all__ = ["Observer", "Pipeline", "PipelineError", "StageError", "run_pipeline"]
+
+log = structlog.get_logger("omniframe.pipeline")
+
+
+class PipelineError(Exception):
+    """A pipeline could not be built or run; the message says why and what to do."""
+
+
+class StageError(PipelineError):
+    """A stage failed while the pipeline ran.
+
+    Attributes:
+        stage: the stage's name in the pipeline.
+        kind: its kind.
+        cause: the original exception (also ``__cause__``).
+    """
+
+    def __init__(self, stage: str, kind: str, cause: BaseException, phase: str = "run") -> None:
+        self.stage = stage
+        self.kind = kind
+        self.cause = cause
+        self.phase = phase
+        super().__init__(
+            f"stage {stage!r} ({kind}) failed during {phase}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+
+class Observer(Protocol):
+    """Sees every frame a stage emits. Called inline, so it must be cheap (O(1), no I/O);
+    an observer that writes files should buffer and write from its own task or thread."""
+
+    def on_frame(self, stage: str, kind: str, frame: Frame, now: float) -> None: ...
+
+
+@dataclass
+class _Lanes:
+    data_tx: ObjectSendStream[Frame]
+    data_rx: ObjectReceiveStream[Frame]
+    urgent_tx: ObjectSendStream[Frame]
+    urgent_rx: ObjectReceiveStream[Frame]
+
+
+def _lanes(buffer: int) -> _Lanes:
+    data_tx, data_rx = anyio.create_memory_object_stream[Frame](buffer)
+    urgent_tx, urgent_rx = anyio.create_memory_object_stream[Frame](math.inf)
+    return _Lanes(data_tx, data_rx, urgent_tx, urgent_rx)
+
+
+class _Runner:
+    """Runs one stage: pulls from its inbox lanes, calls the stage, pushes to its outbox."""
+
+    def __init__(self, stage: Stage, inbox: _Lanes | None, outbox: _Lanes,
+                 observers: Sequence[Observer], metrics: StageMetrics) -> None:
+        self.stage = stage
+        self.name = stage.context.name
+        self.kind = stage.kind
+        self.inbox = inbox
+        self.outbox = outbox
+        self.observers = tuple(observers)
+        self.metrics = metrics
+        self.min_turn = 0  # data frames of turns 0 < t < min_turn are stale
+        self._scope: anyio.CancelScope | None = None
+        self._scope_turn = 0
+        self._consumed: dict[type, bool] = {}
+        self._blocked = 0.0  # time spent waiting on a full outbox while busy
+
+    def consumes(self, frame: Frame) -> bool:
+        cls = type(frame)
+        hit = self._consumed.get(cls)
+        if hit is None:
+            hit = self._consumed[cls] = issubclass(cls, self.stage.consumes) if self.stage.consumes else False
+        return hit
+
+    async def emit(self, frame: Frame) -> None:
+        if frame.urgent:
+            await self.outbox.urgent_tx.send(frame)
+        else:
+            try:
+                self.outbox.data_tx.send_nowait(frame)
+            except anyio.WouldBlock:
+                t0 = time.perf_counter()
+                await self.outbox.data_tx.send(frame)
+                self._blocked += time.perf_counter() - t0
+        self.metrics.frames_out += 1
+        if self.observers:
+            now = time.monotonic()
+            for obs in self.observers:
+                obs.on_frame(self.name, self.kind, frame, now)
+
+    async def _drive(self, gen: AsyncIterator[Frame], cause: Frame | None) -> None:
+        """Emit everything ``gen`` yields; frames without a turn inherit the cause's."""
+        turn = cause.turn if cause is not None else 0
+        t0 = time.perf_counter()
+        blocked0 = self._blocked
+        try:
+            async with aclosing(gen):  # type: ignore[type-var]
+                async for out in gen:
+                    if turn and not out.turn:
+                        out = dataclasses.replace(out, turn=turn)
+                    await self.emit(out)
+        finally:
+            self.metrics.busy_s += (time.perf_counter() - t0) - (self._blocked - blocked0)
+
+    async def run(self) -> None:
+        try:
+            async with self.outbox.data_tx, self.outbox.urgent_tx:
+                if self.inbox is None:
+                    await self._drive(self.stage.generate(), None)
+                    await self.emit(EndOfStreamFrame())
+                else:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._urgent_loop)
+                        await self._data_loop()
+        except StageError:
+            raise
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            raise StageError(self.name, self.kind, exc) from exc
+
+    async def _data_loop(self) -> None:
+        assert self.inbox is not None
+        rx = self.inbox.data_rx
+        is_sink = self.kind == "sink"
+        async with rx:
+            while True:
+                try:
+                    frame = rx.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        frame = await rx.receive()
+                    except anyio.EndOfStream:
+                        break
+                except anyio.EndOfStream:
+                    break
+                self.metrics.frames_in += 1
+                turn = frame.turn
+                if 0 < turn < self.min_turn and isinstance(frame, DataFrame):
+                    self.metrics.dropped += 1
+                    continue
+                if isinstance(frame, EndOfStreamFrame):
+                    await self._drive(self.stage.end_of_stream(frame), frame)
+                    await self.emit(frame)
+                elif self.consumes(frame):
+                    with anyio.CancelScope() as scope:
+                        self._scope, self._scope_turn = scope, turn
+                        try:
+                            await self._drive(self.stage.process(frame), frame)
+                        finally:
+                            self._scope = None
+                    if is_sink and not scope.cancel_called:
+                        await self.emit(frame)  # sinks pass on what they consumed
+                else:
+                    await self.emit(frame)
+
+    async def _urgent_loop(self) -> None:
+        assert self.inbox is not None
+        async with self.inbox.urgent_rx:
+            async for frame in self.inbox.urgent_rx:
+                self.metrics.frames_in += 1
+                if isinstance(frame, InterruptFrame):
+                    if frame.turn > self.min_turn:
+                        self.min_turn = frame.turn
+                    scope = self._scope
+                    if scope is not None and 0 < self._scope_turn < frame.turn:
+                        scope.cancel()
+                        self.metrics.interrupted += 1
+                    await self.emit(frame)  # downstream stops as early as possible
+                    await self._drive(self.stage.interrupt(frame), frame)
+                else:
+                    await self.emit(frame)
+
+
+@dataclass
+class Pipeline:
+    """A chain of stage instances, run on one bounded bus.
+
+    Parameters:
+        stages: the stages, source first.
+        buffer: frames each data lane holds before the sender waits (backpressure).
+        observers: extra observers (a :class:`MetricsCollector` is always added).
+        collect: keep every frame that leaves the last stage in ``RunResult.frames``.
+        session: the conversation shared by the stages (taken from the stages' context).
+    """
+
+    stages: list[Stage]
+    buffer: int = 8
+    observers: list[Observer] = field(default_factory=list)
+    collect: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise PipelineError("a pipeline needs at least one stage (a source)")
+        if self.buffer < 1:
+            raise PipelineError(f"buffer must be at least 1 frame, got {self.buffer}")
+        first = self.stages[0]
+        if first.kind != "source":
+            raise PipelineError(
+                f"the first stage must be a source, got {first.context.name!r} ({first.kind})"
+            )
+        for st in self.stages[1:]:
+            if st.kind == "source":
+                raise PipelineError(
+                    f"only the first stage may be a source; {st.context.name!r} is one too"
+                )
+        names = [s.context.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise PipelineError(f"stage names must be unique; repeated: {sorted(dup)}")
+        from omniframe.compat import check_chain
+
+        check_chain(self.stages)
+
+    @property
+    def session(self) -> Session:
+        return self.stages[0].context.session
+
+    async def run(self) -> RunResult:
+        """Set up every stage, move frames until the input ends, tear down, return metrics."""
+        stage_metrics = {s.context.name: StageMetrics(name=s.context.name, kind=s.kind)
+                         for s in self.stages}
+        collector = MetricsCollector()
+        observers: list[Observer] = [collector, *self.observers]
+        frames: list[Frame] = []
+        t_start = time.monotonic()
+        set_up: list[Stage] = []
+        try:
+            for st in self.stages:
+                try:
+                    t0 = time.perf_counter()
+                    await st.setup()
+                    stage_metrics[st.context.name].setup_s = time.perf_counter() - t0
+                except Exception as exc:
+                    raise StageError(st.context.name, st.kind, exc, phase="setup") from exc
+                finally:
+                    set_up.append(st)
+            t_run = time.monotonic()
+            lanes = [_lanes(self.buffer) for _ in self.stages]
+            runners = [
+                _Runner(st, lanes[i - 1] if i else None, lanes[i], observers,
+                        stage_metrics[st.context.name])
+                for i, st in enumerate(self.stages)
+            ]
+            try:
+                async with anyio.create_task_group() as tg:
+                    for r in runners:
+                        tg.start_soon(r.run, name=f"stage:{r.name}")
+                    tg.start_soon(self._collect, lanes[-1], frames)
+            except BaseExceptionGroup as group:
+                raise _first_stage_error(group) from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                for st in reversed(set_up):
+                    try:
+                        await st.teardown()
+                    except Exception:
+                        log.exception("teardown failed", stage=st.context.name)
+        t_end = time.monotonic()
+        return collector.result(
+            stages=stage_metrics, wall_s=t_end - t_run, setup_s=t_run - t_start,
+            frames=frames if self.collect else None,
+        )
+
+    async def _collect(self, lanes: _Lanes, frames: list[Frame]) -> None:
+        async def urgent() -> None:
+            async with lanes.urgent_rx:
+                async for f in lanes.urgent_rx:
+                    if self.collect:
+                        frames.append(f)
+                    if isinstance(f, ErrorFrame):
+                        log.warning("stage reported an error", stage=f.stage, message=f.message)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(urgent)
+            async with lanes.data_rx:
+                async for f in lanes.data_rx:
+                    if self.collect:
+                        frames.append(f)
+
+
+def _first_stage_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to show the user: the first StageError, else the first real exception."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, StageError):
+            return exc
+    for exc in leaves:
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            return exc
+    return group
+
+
+async def run_pipeline(stages: Iterable[Stage], **kwargs: Any) -> RunResult:
+    """Shorthand: ``await run_pipeline([source, vad, ...])``."""
+    return await Pipeline(list(stages), **kwargs).run()
+
+
+def input_audio_seconds(frames: Iterable[Frame]) -> float:
+    """Total duration of the input audio frames in ``frames``."""
+    return sum(f.duration for f in frames if isinstance(f, AudioFrame))

@@ -1,0 +1,165 @@
+"""The Stage base class: what a plugin writes.
+
+A stage is a class with a kind, a name, a pydantic ``Options`` model, the frame types it
+``consumes`` and ``produces``, and one async generator::
+
+    class Shout(Stage):
+        kind = "lm"
+        name = "shout"
+        consumes = (TranscriptFrame,)
+        produces = (TextDeltaFrame, EndOfTurnFrame)
+
+        class Options(StageOptions):
+            suffix: str = "!"
+
+        async def process(self, frame):
+            yield TextDeltaFrame(text=frame.text.upper() + self.options.suffix)
+            yield EndOfTurnFrame()
+
+The runner calls :meth:`Stage.process` for each frame whose type is in ``consumes``; frames it
+does not consume pass through unchanged, in order. Frames a stage yields inherit the turn of
+the frame being processed unless they set one. Sources implement :meth:`Stage.generate`
+instead. An :class:`~omniframe.frames.InterruptFrame` cancels the ``process`` call in flight
+(when it belongs to an older turn) and then calls :meth:`Stage.interrupt`.
+
+Blocking work (model calls) goes through :meth:`Stage.run_sync`, which runs it in a worker
+thread so the event loop keeps moving frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
+
+import anyio.to_thread
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from omniframe.frames import EndOfStreamFrame, Frame, InterruptFrame
+
+if TYPE_CHECKING:
+    from omniframe.session import Session
+
+__all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOptions"]
+
+StageKind = Literal["source", "vad", "encoder", "lm", "codec", "sink"]
+KINDS: tuple[str, ...] = get_args(StageKind)
+
+T = TypeVar("T")
+
+
+class StageOptions(BaseModel):
+    """Base of every stage's options: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use besides its options.
+
+    Parameters:
+        name: the stage's name in its pipeline (for logs and errors).
+        session: the conversation shared by the stages of one pipeline run.
+        resources: a process-wide cache, so that many sessions share one loaded model.
+        device: the torch device string the user asked for (``"cpu"``, ``"cuda"``, ...).
+    """
+
+    name: str
+    session: Session
+    resources: Any = None
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Base class of every stage. Subclasses set the class attributes and override methods.
+
+    Class attributes:
+        kind: one of ``source, vad, encoder, lm, codec, sink``.
+        name: the name configs use to pick it (``plugin:`` in YAML), unique within its kind.
+        Options: a :class:`StageOptions` subclass.
+        consumes: frame types :meth:`process` handles (any one of them satisfies the stage).
+        produces: frame types it may emit.
+        input_option / output_option: the option that ``--input`` / ``--output`` set.
+        output_suffixes: file suffixes this sink writes, to route ``--output``.
+    """
+
+    kind: ClassVar[StageKind]
+    name: ClassVar[str]
+    Options: ClassVar[type[StageOptions]] = StageOptions
+    consumes: ClassVar[tuple[type[Frame], ...]] = ()
+    produces: ClassVar[tuple[type[Frame], ...]] = ()
+    input_option: ClassVar[str | None] = None
+    output_option: ClassVar[str | None] = None
+    output_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: StageOptions | dict[str, Any] | None = None,
+                 context: StageContext | None = None) -> None:
+        if options is None:
+            options = {}
+        if isinstance(options, dict):
+            options = self.Options.model_validate(options)
+        elif not isinstance(options, self.Options):
+            raise TypeError(
+                f"stage {self.name!r} expects {self.Options.__name__}, got "
+                f"{type(options).__name__}"
+            )
+        self.options = options
+        if context is None:
+            from omniframe.session import Session
+
+            context = StageContext(name=self.name, session=Session())
+        self.context = context
+        self.log = structlog.get_logger(f"omniframe.{self.kind}").bind(stage=context.name)
+
+    # ------------------------------------------------------------------ lifecycle (override)
+
+    async def setup(self) -> None:
+        """Load models and open devices. Runs before any frame moves; errors stop the run."""
+
+    async def generate(self) -> AsyncIterator[Frame]:
+        """Sources only: yield frames until the input ends (end of stream is added for you)."""
+        raise NotImplementedError(f"{type(self).__name__} is a source but has no generate()")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        """Handle one consumed frame; yield what it produces, as soon as it is ready."""
+        raise NotImplementedError(f"{type(self).__name__} consumes frames but has no process()")
+        yield  # pragma: no cover
+
+    async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
+        """Barge-in: forget the answer in flight (buffers, partial state). May yield frames,
+        which are sent after the interrupt itself (for example an end of turn)."""
+        return
+        yield  # pragma: no cover
+
+    async def end_of_stream(self, frame: EndOfStreamFrame) -> AsyncIterator[Frame]:
+        """The input ended: yield what is still buffered. The end of stream follows."""
+        return
+        yield  # pragma: no cover
+
+    async def teardown(self) -> None:
+        """Release devices and files. Called once, also after errors and cancellation."""
+
+    # ------------------------------------------------------------------ helpers for stages
+
+    @staticmethod
+    async def run_sync(fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn(*args)`` in a worker thread (model calls, file I/O)."""
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """A JSON-ready description: kind, name, consumes, produces, options schema."""
+        return {
+            "kind": cls.kind,
+            "name": cls.name,
+            "consumes": [t.__name__ for t in cls.consumes],
+            "produces": [t.__name__ for t in cls.produces],
+            "doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+        }
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.kind}:{self.name} as {self.context.name!r}>"
