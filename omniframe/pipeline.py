@@ -66,6 +66,7 @@ class StageError(PipelineError):
         self.kind = kind
         self.cause = cause
         self.phase = phase
+        self.secondary = False  # True when caused by another stage's failure
         super().__init__(
             f"stage {stage!r} ({kind}) failed during {phase}: "
             f"{type(cause).__name__}: {cause}"
@@ -163,7 +164,14 @@ class _Runner:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            raise StageError(self.name, self.kind, exc) from exc
+            cause = _root_cause(exc)
+            if isinstance(cause, StageError):
+                raise cause from None
+            err = StageError(self.name, self.kind, cause)
+            # the next stage is gone: a consequence of its failure, which it reports
+            err.secondary = isinstance(cause, (anyio.BrokenResourceError,
+                                               anyio.ClosedResourceError))
+            raise err from cause
 
     async def _data_loop(self) -> None:
         assert self.inbox is not None
@@ -325,6 +333,15 @@ class Pipeline:
                         frames.append(f)
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """Unwrap task-group exception groups to the first non-cancellation leaf."""
+    while isinstance(exc, BaseExceptionGroup):
+        real = [e for e in exc.exceptions
+                if not isinstance(e, anyio.get_cancelled_exc_class())]
+        exc = real[0] if real else exc.exceptions[0]
+    return exc
+
+
 def _first_stage_error(group: BaseExceptionGroup) -> BaseException:
     """The error to show the user: the first StageError, else the first real exception."""
     leaves: list[BaseException] = []
@@ -337,6 +354,9 @@ def _first_stage_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(exc)
 
     walk(group)
+    for exc in leaves:
+        if isinstance(exc, StageError) and not exc.secondary:
+            return exc
     for exc in leaves:
         if isinstance(exc, StageError):
             return exc

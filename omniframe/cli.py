@@ -1,0 +1,273 @@
+"""The ``omniframe`` command line: run, validate, plugins, config-schema, and plugin commands
+(``eval``, ``train``, ...) registered through the ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any
+
+import click
+
+from omniframe.config import ConfigError, PipelineConfig
+
+__all__ = ["cli", "main"]
+
+DEFAULT_CONFIG = "demo.yaml"
+
+
+def _default_config_path() -> Path:
+    return Path(str(importlib_resources.files("omniframe") / "configs" / DEFAULT_CONFIG))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
+                   input_path: str | None = None, output_path: str | None = None,
+                   realtime: bool | None = None) -> tuple[PipelineConfig, str]:
+    """Load a config (the embedded demo when None), apply ``--set``, ``--input``, ``--output``
+    and ``--realtime``. Returns the config and a label for messages."""
+    from omniframe.config import apply_overrides, parse_config, read_yaml, resolve_stages
+
+    path = Path(config) if config else _default_config_path()
+    label = str(path) if config else f"built-in {DEFAULT_CONFIG}"
+    data = read_yaml(path)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    cfg = parse_config(data, label)
+    if input_path is None and output_path is None and realtime is None:
+        return cfg, label
+    resolved = resolve_stages(cfg, label)
+    extra: list[str] = []
+    names = cfg.stage_names()
+    if input_path is not None or realtime is not None:
+        src = resolved[0]
+        opt = getattr(src.cls, "input_option", None)
+        if input_path is not None:
+            if not opt:
+                raise ConfigError([("--input", f"the source {src.spec.plugin!r} takes no input "
+                                               f"file; use a config with a file source")], label)
+            extra.append(f"{names[0]}.options.{opt}={json.dumps(input_path)}")
+        if realtime is not None:
+            if "realtime" not in src.cls.Options.model_fields:
+                raise ConfigError([("--realtime", f"the source {src.spec.plugin!r} has no "
+                                                  f"real-time option")], label)
+            extra.append(f"{names[0]}.options.realtime={str(realtime).lower()}")
+    if output_path is not None:
+        suffix = Path(output_path).suffix.lower()
+        sinks = [(n, r) for n, r in zip(names, resolved, strict=True)
+                 if r.spec.kind == "sink" and getattr(r.cls, "output_option", None)]
+        match = [(n, r) for n, r in sinks if suffix in getattr(r.cls, "output_suffixes", ())]
+        if not match:
+            known = ", ".join(f"{n} ({'/'.join(r.cls.output_suffixes)})" for n, r in sinks)
+            raise ConfigError([("--output", f"no sink in this pipeline writes {suffix or 'files '
+                                            'without a suffix'}; sinks that write files: "
+                                            f"{known or 'none'}")], label)
+        n, r = match[0]
+        extra.append(f"{n}.options.{r.cls.output_option}={json.dumps(output_path)}")
+    data = apply_overrides(cfg.model_dump(), extra)
+    return parse_config(data, label), label
+
+
+class _Printer:
+    """Prints the conversation as it streams, and one metrics line per turn."""
+
+    def __init__(self, last_stage: str, print_text: bool, as_json: bool) -> None:
+        from omniframe.metrics import MetricsCollector
+
+        self.collector = MetricsCollector()
+        self.last_stage = last_stage
+        self.print_text = print_text
+        self.as_json = as_json
+        self._open: set[int] = set()
+
+    def on_frame(self, stage: str, kind: str, frame: Any, now: float) -> None:
+        from omniframe.frames import EndOfTurnFrame, ErrorFrame, TextDeltaFrame, TranscriptFrame
+
+        self.collector.on_frame(stage, kind, frame, now)
+        if stage != self.last_stage:
+            return
+        out = sys.stdout
+        if self.print_text and not self.as_json:
+            if isinstance(frame, TranscriptFrame) and frame.final:
+                out.write(f"user: {frame.text}\n")
+            elif isinstance(frame, TextDeltaFrame):
+                if frame.turn not in self._open:
+                    self._open.add(frame.turn)
+                    out.write("agent: ")
+                out.write(frame.text)
+                out.flush()
+        if isinstance(frame, EndOfTurnFrame):
+            if frame.turn in self._open:
+                out.write("\n")
+            turn = self.collector.turns.get(frame.turn)
+            if turn is not None:
+                if self.as_json:
+                    out.write(json.dumps({"event": "turn", **turn.summary()}) + "\n")
+                else:
+                    click.echo(f"[{turn.line()}]", err=True)
+            out.flush()
+        elif isinstance(frame, ErrorFrame):
+            click.echo(f"warning: {frame.stage}: {frame.message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="omniframe")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--log-json/--no-log-json", default=None, help="Logs as JSON (default: when "
+              "stderr is not a terminal).")
+def cli(verbose: int, log_json: bool | None) -> None:
+    """omniframe: real-time speech agents as pipelines of plugin stages."""
+    from omniframe.logging import configure_logging
+
+    configure_logging(["warning", "info", "debug"][min(verbose, 2)], json=log_json)
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False),
+              help="Input audio for the pipeline's file source.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
+              help="Output file, routed to the sink that writes its suffix (.wav, .jsonl).")
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+              help="Override a config value, e.g. --set lm.options.temperature=0.5")
+@click.option("--realtime/--no-realtime", default=None,
+              help="Feed the input at the speed of speech (like a live microphone).")
+@click.option("--json", "as_json", is_flag=True, help="Print turn metrics as JSON lines.")
+def run(config: str | None, input_path: str | None, output_path: str | None,
+        overrides: tuple[str, ...], realtime: bool | None, as_json: bool) -> None:
+    """Run a pipeline CONFIG (default: a built-in torch-free demo) and stream its answers."""
+    import anyio
+
+    from omniframe.config import build_pipeline
+    from omniframe.pipeline import PipelineError, StageError
+
+    try:
+        cfg, label = prepare_config(config, overrides, input_path, output_path, realtime)
+        stages_desc = " -> ".join(f"{s.kind}:{s.plugin}" for s in cfg.pipeline)
+        click.echo(f"pipeline {cfg.name!r} ({label}): {stages_desc}", err=True)
+        text_on_stdout = any(
+            s.kind == "sink" and s.plugin == "text" and s.options.get("path") in (None, "-")
+            for s in cfg.pipeline
+        )
+        printer = _Printer(cfg.stage_names()[-1], print_text=not text_on_stdout, as_json=as_json)
+        pipeline = build_pipeline(cfg, source=label, observers=[printer])
+    except ConfigError as exc:
+        _fail(str(exc))
+    except PipelineError as exc:
+        _fail(str(exc))
+    try:
+        result = anyio.run(pipeline.run)
+    except StageError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a plugin bug: still one readable line, then the details
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    summary = result.to_dict()
+    if as_json:
+        click.echo(json.dumps({"event": "run", **summary}))
+    else:
+        rtf = "-" if result.rtf is None else f"{result.rtf:.2f}"
+        click.echo(f"[run: {len(result.turns)} turn(s), {result.input_audio_s:.1f}s of input "
+                   f"in {result.wall_s:.2f}s (rtf {rtf}), setup {result.setup_s:.2f}s]",
+                   err=True)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE")
+def validate(config: str, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG: shape, every stage's options, and that the stages fit together."""
+    from omniframe.config import build_pipeline
+
+    try:
+        cfg, label = prepare_config(config, overrides)
+        build_pipeline(cfg, source=label)
+    except ConfigError as exc:
+        _fail(str(exc))
+    names = cfg.stage_names()
+    chain = " -> ".join(f"{n} ({s.kind}:{s.plugin})" for n, s in zip(names, cfg.pipeline,
+                                                                       strict=True))
+    click.echo(f"ok: {config}: {chain}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins: version, and the stages each registers."""
+    from omniframe.plugins import get_registry
+
+    reg = get_registry()
+    rows = []
+    for name, info in sorted(reg.plugins.items()):
+        stages = [
+            cls.describe() for key, cls in sorted(reg.stages.items())
+            if reg.stage_plugin.get(key) == name
+        ]
+        rows.append({
+            "name": name,
+            "distribution": info.distribution,
+            "version": info.version,
+            "module": info.module,
+            "stages": stages,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max((len(r["name"]) for r in rows), default=6)
+    click.echo(f"{'plugin':<{width}}  {'version':<8}  stages (kind:name  consumes -> produces)")
+    for r in rows:
+        first = True
+        if not r["stages"]:
+            click.echo(f"{r['name']:<{width}}  {r['version'] or '-':<8}  (no stages)")
+        for s in r["stages"]:
+            lead = f"{r['name']:<{width}}  {r['version'] or '-':<8}" if first else " " * (width + 10)
+            io = f"{', '.join(s['consumes']) or '-'} -> {', '.join(s['produces']) or '-'}"
+            click.echo(f"{lead}  {s['kind'] + ':' + s['name']:<22} {io}")
+            first = False
+
+
+@cli.command("config-schema")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file.")
+def config_schema_cmd(output: str | None) -> None:
+    """Print the JSON schema of pipeline configs (with every installed stage's options)."""
+    from omniframe.config import config_schema
+
+    text = json.dumps(config_schema(), indent=2)
+    if output:
+        Path(output).write_text(text + "\n")
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text)
+
+
+_commands_added = False
+
+
+def _add_plugin_commands() -> None:
+    global _commands_added
+    if _commands_added:
+        return
+    from omniframe.plugins import load_plugins, pm
+
+    load_plugins()
+    pm.hook.register_commands(cli=cli)
+    _commands_added = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``omniframe`` script."""
+    from omniframe.plugins import PluginError
+
+    try:
+        _add_plugin_commands()
+    except PluginError as exc:
+        _fail(str(exc))
+    cli.main(args=argv, prog_name="omniframe")
