@@ -65,9 +65,9 @@ def prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
         match = [(n, r) for n, r in sinks if suffix in getattr(r.cls, "output_suffixes", ())]
         if not match:
             known = ", ".join(f"{n} ({'/'.join(r.cls.output_suffixes)})" for n, r in sinks)
-            raise ConfigError([("--output", f"no sink in this pipeline writes {suffix or 'files '
-                                            'without a suffix'}; sinks that write files: "
-                                            f"{known or 'none'}")], label)
+            what = suffix or "files without a suffix"
+            raise ConfigError([("--output", f"no sink in this pipeline writes {what}; sinks "
+                                            f"that write files: {known or 'none'}")], label)
         n, r = match[0]
         extra.append(f"{n}.options.{r.cls.output_option}={json.dumps(output_path)}")
     data = apply_overrides(cfg.model_dump(), extra)
@@ -139,8 +139,11 @@ def cli(verbose: int, log_json: bool | None) -> None:
 @click.option("--realtime/--no-realtime", default=None,
               help="Feed the input at the speed of speech (like a live microphone).")
 @click.option("--json", "as_json", is_flag=True, help="Print turn metrics as JSON lines.")
+@click.option("--record", type=click.Path(dir_okay=False),
+              help="Record every frame that moves (type, stage, turn, times) to a JSONL file.")
 def run(config: str | None, input_path: str | None, output_path: str | None,
-        overrides: tuple[str, ...], realtime: bool | None, as_json: bool) -> None:
+        overrides: tuple[str, ...], realtime: bool | None, as_json: bool,
+        record: str | None) -> None:
     """Run a pipeline CONFIG (default: a built-in torch-free demo) and stream its answers."""
     import anyio
 
@@ -156,7 +159,16 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
             for s in cfg.pipeline
         )
         printer = _Printer(cfg.stage_names()[-1], print_text=not text_on_stdout, as_json=as_json)
-        pipeline = build_pipeline(cfg, source=label, observers=[printer])
+        from omniframe.logging import is_verbose
+        from omniframe.observers import FrameLogger, JsonlRecorder
+
+        observers: list[Any] = [printer]
+        if is_verbose():
+            observers.append(FrameLogger())
+        recorder = JsonlRecorder(record) if record else None
+        if recorder is not None:
+            observers.append(recorder)
+        pipeline = build_pipeline(cfg, source=label, observers=observers, collect=False)
     except ConfigError as exc:
         _fail(str(exc))
     except PipelineError as exc:
@@ -164,12 +176,16 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
     try:
         result = anyio.run(pipeline.run)
     except StageError as exc:
+        if recorder is not None:
+            recorder.close()
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # a plugin bug: still one readable line, then the details
         _fail(f"{type(exc).__name__}: {exc}", 1)
+    if recorder is not None:
+        recorder.close()
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps({"event": "run", **summary}))
@@ -228,7 +244,8 @@ def plugins(as_json: bool) -> None:
         if not r["stages"]:
             click.echo(f"{r['name']:<{width}}  {r['version'] or '-':<8}  (no stages)")
         for s in r["stages"]:
-            lead = f"{r['name']:<{width}}  {r['version'] or '-':<8}" if first else " " * (width + 10)
+            lead = (f"{r['name']:<{width}}  {r['version'] or '-':<8}" if first
+                    else " " * (width + 10))
             io = f"{', '.join(s['consumes']) or '-'} -> {', '.join(s['produces']) or '-'}"
             click.echo(f"{lead}  {s['kind'] + ':' + s['name']:<22} {io}")
             first = False

@@ -137,7 +137,8 @@ def parse_config(data: Any, source: str | None = None) -> PipelineConfig:
         problems = []
         for p, m in _pydantic_problems(err, "", allowed):
             if p.startswith("pipeline[") and "unknown key" in m:
-                m = m.split(" Expected")[0] + " Expected one of: " + ", ".join(StageSpec.model_fields)
+                keys = ", ".join(StageSpec.model_fields)
+                m = m.split(" Expected")[0] + " Expected one of: " + keys
             problems.append((p, m))
         raise ConfigError(problems, source) from None
 

@@ -7,7 +7,14 @@ import sys
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "is_verbose"]
+
+_level = logging.WARNING
+
+
+def is_verbose() -> bool:
+    """True when the application asked for info or debug logs."""
+    return _level <= logging.INFO
 
 
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
@@ -19,7 +26,9 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         structlog.processors.JSONRenderer() if json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    global _level
     lvl = getattr(logging, level.upper(), logging.INFO)
+    _level = lvl
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -116,7 +116,8 @@ class _Runner:
         cls = type(frame)
         hit = self._consumed.get(cls)
         if hit is None:
-            hit = self._consumed[cls] = issubclass(cls, self.stage.consumes) if self.stage.consumes else False
+            wanted = self.stage.consumes
+            hit = self._consumed[cls] = bool(wanted) and issubclass(cls, wanted)
         return hit
 
     async def emit(self, frame: Frame) -> None:

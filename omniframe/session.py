@@ -54,7 +54,8 @@ class Session:
     messages: list[Message] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, role: Literal["user", "assistant", "system"], text: str, turn: int = 0) -> Message:
+    def add(self, role: Literal["user", "assistant", "system"], text: str,
+            turn: int = 0) -> Message:
         """Append a message and return it."""
         msg = Message(role=role, text=text, turn=turn)
         with self._lock:

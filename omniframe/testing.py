@@ -123,7 +123,8 @@ def speech_like(pattern: Sequence[tuple[str, float]], sample_rate: int = 16000,
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def audio_frames(samples: Any, sample_rate: int = 16000, frame_ms: float = 20.0) -> list[AudioFrame]:
+def audio_frames(samples: Any, sample_rate: int = 16000,
+                 frame_ms: float = 20.0) -> list[AudioFrame]:
     """Cut samples into AudioFrames of ``frame_ms`` (the last one may be shorter)."""
     n = max(1, int(sample_rate * frame_ms / 1000))
     return [

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -170,7 +171,7 @@ async def test_stage_error_names_the_stage_and_stops_everything() -> None:
         await run_frames([make_stage(Relay), make_stage(Boom, name="brain")], src_frames)
     assert info.value.stage == "brain"
     assert "stage 'brain' (lm) failed during run: ValueError: bad token" in str(info.value)
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     assert asyncio.all_tasks() - before == set()
 
 
@@ -302,7 +303,8 @@ async def test_interrupt_overtakes_and_drops_queued_old_turn_data() -> None:
             yield TextDeltaFrame(text="raw", turn=0)  # not part of any turn: kept
 
     with anyio.fail_after(10):
-        result = await Pipeline([Script([], context=StageContext(name="source", session=sink.context.session)), gate, sink], buffer=16).run()
+        ctx = StageContext(name="source", session=sink.context.session)
+        result = await Pipeline([Script([], context=ctx), gate, sink], buffer=16).run()
     # the frame the sink was holding when the interrupt came is cancelled; the queued ones
     # are dropped; the new turn and turn-less data pass
     assert sink.seen == ["new", "raw"]
@@ -341,7 +343,7 @@ async def test_cancellation_leaves_no_task_running() -> None:
     with anyio.move_on_after(0.1) as scope:
         await run_frames([make_stage(Leaky)], [TextDeltaFrame(text="x")])
     assert scope.cancelled_caught
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     assert asyncio.all_tasks() - before == set()
 
 

