@@ -126,7 +126,13 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start: int, mask: Tensor | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        start: int,
+        mask: Tensor | None,
+        use_cache: bool = False,
     ) -> Tensor:
         """x (B, T, C) at positions start..start+T-1 -> (B, T, C).
 
@@ -142,7 +148,7 @@ class CausalSelfAttention(nn.Module):
         v = qkv[:, :, q_per_kv + 1]  # (B, G, T, hs)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if use_cache and self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, G, S, hs), S = start + T
         y = F.scaled_dot_product_attention(
             q,
@@ -185,9 +191,15 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(config.n_embd, config.intermediate_size, config.n_embd)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start: int, mask: Tensor | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        start: int,
+        mask: Tensor | None,
+        use_cache: bool = False,
     ) -> Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, start, mask)
+        x = x + self.attn(self.norm_1(x), cos, sin, start, mask, use_cache)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -355,13 +367,14 @@ class GPT(nn.Module):
         """Run the blocks and ``ln_f`` on input embeddings x (B, T, C) -> hidden (B, T', C).
 
         ``input_pos`` is the first absolute position of x (an int, or a 1-D tensor of T
-        contiguous positions, litgpt style). With a KV cache it is required; positions then
-        continue from the cached ones. ``last_only`` keeps only the last position (T' = 1).
+        contiguous positions, litgpt style). Given an ``input_pos`` and a KV cache
+        (:meth:`set_kv_cache`), keys/values are written to and read from the cache; with
+        ``input_pos=None`` the cache is not touched (a plain causal pass from position 0, as
+        in training). ``last_only`` keeps only the last position (T' = 1).
         """
         B, T, _ = x.shape
+        use_cache = input_pos is not None and self.has_kv_cache
         if input_pos is None:
-            if self.has_kv_cache:
-                raise ValueError("the model has a KV cache: pass input_pos")
             start = 0
         elif isinstance(input_pos, Tensor):
             if input_pos.numel() != T:
@@ -378,11 +391,11 @@ class GPT(nn.Module):
         cos, sin = self._rope_tables(x.device)
         cos, sin = cos[start:end], sin[start:end]  # (T, hs)
         mask = None
-        if self.has_kv_cache and T > 1 and start > 0:
+        if use_cache and T > 1 and start > 0:
             q_pos = torch.arange(start, end, device=x.device)
             mask = q_pos[:, None] >= torch.arange(end, device=x.device)[None, :]  # (T, end)
         for block in self.transformer.h:
-            x = block(x, cos, sin, start, mask)
+            x = block(x, cos, sin, start, mask, use_cache)
         if last_only:
             x = x[:, -1:]
         return self.transformer.ln_f(x)
