@@ -170,7 +170,7 @@ class TrainModel(nn.Module):
                 features: Tensor | None = None, whisper_lens: Tensor | None = None,
                 mode: str = "loss", **kwargs: object) -> tuple[Tensor, ...]:
         if mode == "logits":
-            return self.gpt(input_ids, **kwargs)
+            return self.gpt(input_ids, whisper_lens=whisper_lens, **kwargs)
         assert labels is not None and features is not None and whisper_lens is not None
         x = embed(self.gpt, input_ids, features, whisper_lens)
         hidden = self.gpt.forward_embeddings(x)
