@@ -196,9 +196,18 @@ class Config:
             )
         if "hf_config" in kwargs and not isinstance(kwargs["hf_config"], dict):
             kwargs["hf_config"] = {"name": str(kwargs["hf_config"])}
-        for key in ("norm_eps",):
-            if key in kwargs:
-                kwargs[key] = float(kwargs[key])
+        for f in dataclasses.fields(cls):  # YAML may say 1000000.0 for an int, 1 for a float
+            value = kwargs.get(f.name)
+            if value is None or isinstance(value, bool):
+                continue
+            if f.type in ("int", "int | None") and isinstance(value, float):
+                if not value.is_integer():
+                    problems.append(f"{f.name}={value!r} must be an integer")
+                kwargs[f.name] = int(value)
+            elif f.type == "float" and isinstance(value, int):
+                kwargs[f.name] = float(value)
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
         try:
             return cls(**kwargs)
         except ConfigError as e:

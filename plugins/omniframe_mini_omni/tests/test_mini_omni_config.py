@@ -157,3 +157,13 @@ def test_state_dict_keys_and_parameter_count():
     extra = set(model2.state_dict()) - set(sd)
     assert extra == {f"vision_adapter.{n}.weight" for n in ("fc_1", "fc_2", "proj")}
     assert tuple(model2.state_dict()["vision_adapter.fc_1.weight"].shape) == (4864, 512)
+
+
+def test_numeric_fields_are_normalised(tmp_path: Path):
+    path = tmp_path / "model_config.yaml"
+    path.write_text(OFFICIAL_YAML.replace("rope_base: 1000000", "rope_base: 1000000.0"))
+    c = Config.from_file(path)
+    assert c.rope_base == 1_000_000 and isinstance(c.rope_base, int)
+    path.write_text(OFFICIAL_YAML.replace("n_layer: 24", "n_layer: 2.5"))
+    with pytest.raises(ConfigError, match="n_layer"):
+        Config.from_file(path)

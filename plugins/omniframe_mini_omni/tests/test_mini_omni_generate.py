@@ -300,3 +300,18 @@ def test_tiny_model_seeded_sampling_is_reproducible(tiny_model):
     ]
     assert runs[0].text_tokens == runs[1].text_tokens
     assert runs[0].audio_tokens == runs[1].audio_tokens
+
+
+def test_bfloat16_and_trace_file(tiny_model, tmp_path):
+    from omniframe_mini_omni.model import GPT
+
+    model = GPT(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    model.to(torch.bfloat16)
+    trace = tmp_path / "trace.jsonl"
+    result = generate(model, "T1A2", text_ids=[1, 2], max_steps=9, trace=trace)
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert len(lines) == len(result.text_tokens) == 9
+    assert [x["text"] for x in lines] == result.text_tokens
+    assert all(len(x["audio"]) == 7 and all(0 <= a < 4160 for a in x["audio"]) for x in lines)
+    assert len(result.frames) == 2

@@ -187,3 +187,15 @@ def test_position_bound(tiny_model: GPT):
     ids = _prompt(1, 2)
     with torch.no_grad(), pytest.raises(ValueError, match="block_size"):
         tiny_model(ids, tiny_model.config.block_size - 2)
+
+
+def test_training_forward_backward(tiny_model: GPT):
+    """No cache, all positions: gradients reach the adapter and the embedding (training use)."""
+    model = GPT(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    model.set_kv_cache(1, 8)  # an allocated cache is ignored when input_pos is None
+    prompt = _prompt(2, 3)
+    audio, text = model(prompt, whisper_features=torch.randn(2, 3, 768))
+    (audio.logsumexp(-1).mean() + text.logsumexp(-1).mean()).backward()
+    assert model.whisper_adapter.fc_1.weight.grad.abs().sum() > 0
+    assert model.transformer.wte.weight.grad.abs().sum() > 0
