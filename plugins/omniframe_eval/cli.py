@@ -1,0 +1,74 @@
+"""``omniframe eval CONFIG``: run an evaluation config, write records and the report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["eval_command"]
+
+
+@click.command("eval")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Run folder: records.jsonl, answer audio, report (default: "
+                   "runs/eval/<config name>).")
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.md/report.json/plots here instead of the run folder "
+                   "(e.g. docs/eval to commit a report without the audio).")
+@click.option("--mode", type=click.Choice(["realtime", "offline"]), default=None,
+              help="realtime: replay audio at the speed of speech (user-experienced latency); "
+                   "offline: as fast as possible (throughput). Default: the config's.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N dataset items.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Reuse results of an interrupted run in the same folder.")
+@click.option("--retry-failed", is_flag=True, help="With --resume, run failed items again.")
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+              help="Override the eval config (mode=offline, dataset.options.rates=[160]) or a "
+                   "pipeline (cascade:lm.options.max_new_tokens=32).")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bars on stderr.")
+def eval_command(config: str, out: str | None, report_dir: str | None, mode: str | None,
+                 limit: int | None, resume: bool, retry_failed: bool,
+                 overrides: tuple[str, ...], progress: bool) -> None:
+    """Evaluate the pipelines of CONFIG (an evaluation config, e.g. configs/eval/ab.yaml) on
+    its dataset: latency, ASR WER, spoken-vs-text agreement and answer quality, one report."""
+    import anyio
+
+    from omniframe.config import ConfigError
+    from omniframe_eval.datasets import DatasetError
+    from omniframe_eval.evalconfig import EvalConfigError, load_eval_config
+    from omniframe_eval.harness import Harness, HarnessError
+    from omniframe_eval.report import write_report
+
+    sets = list(overrides)
+    if mode:
+        sets.append(f"mode={mode}")
+    try:
+        cfg = load_eval_config(config, sets)
+    except EvalConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    run_dir = Path(out) if out else Path("runs") / "eval" / cfg.name
+    argv = ["omniframe", "eval", *sys.argv[2:]] if sys.argv[1:2] == ["eval"] else None
+    harness = Harness(cfg, run_dir, resume=resume, retry_failed=retry_failed, limit=limit,
+                      progress=progress, command=shlex.join(argv) if argv else None)
+    click.echo(f"evaluating {', '.join(p.name for p in cfg.pipelines)} on "
+               f"{cfg.dataset.name} ({cfg.mode}) into {run_dir}", err=True)
+    try:
+        rep = anyio.run(harness.run)
+    except (HarnessError, EvalConfigError, DatasetError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished items are saved in {run_dir / 'records.jsonl'}; "
+                   f"run the same command again to resume", err=True)
+        sys.exit(130)
+    paths = write_report(rep, report_dir or run_dir)
+    for b in rep["pipelines"]:
+        v = b["latency"]["voice_to_voice"]["p50"]
+        lat = "-" if v is None else f"{v:.2f}s"
+        click.echo(f"{b['name']}: {b['ok']}/{b['items']} ok, voice-to-voice p50 {lat}", err=True)
+    click.echo(f"report: {paths['markdown']}")

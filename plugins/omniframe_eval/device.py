@@ -1,0 +1,61 @@
+"""Which machine a number came from: CPU model and cores, accelerator, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+__all__ = ["describe_device", "device_label"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def describe_device(torch_device: str = "cpu") -> dict[str, Any]:
+    """A JSON-ready description of this machine and the torch device the pipelines use."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpus": _cpus(),
+        "platform": platform.platform(terse=True),
+        "python": sys.version.split()[0],
+        "torch_device": torch_device,
+        "accelerator": None,
+    }
+    if torch_device.startswith("cuda") and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        try:
+            if torch.cuda.is_available():
+                info["accelerator"] = torch.cuda.get_device_name(torch.device(torch_device))
+        except Exception:  # a label must never fail a run
+            pass
+    try:
+        import importlib.metadata as md
+
+        info["torch"] = md.version("torch")
+    except Exception:
+        info["torch"] = None
+    return info
+
+
+def device_label(info: dict[str, Any]) -> str:
+    """One line naming the device, for every table and plot."""
+    acc = info.get("accelerator")
+    where = acc if acc else f"CPU only ({info['torch_device']})"
+    return f"{info['cpu']}, {info['cpus']} CPUs, {where}"
