@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     """Save shards of model + optimizer, then state.json; prune to the newest ``keep``."""
     path = step_dir(root, step)
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # one process without a process group: expected
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     barrier(env)
     if env.is_main:
         (path / "state.json").write_text(json.dumps({**state, "step": step,
@@ -61,7 +64,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     """Restore model + optimizer from a DCP folder (any world size); return its state.json."""
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return json.loads((path / "state.json").read_text())
 

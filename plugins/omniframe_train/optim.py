@@ -63,7 +63,10 @@ def select_trainable(gpt: nn.Module, spec: TrainableSpec) -> tuple[list[str], li
         p.requires_grad_(False)
     names: list[str] = []
     masks: list[RowMask] = []
-    for name, p in gpt.named_parameters():  # tied lm_head.weight appears once (as wte)
+    wte = gpt.transformer.wte.weight  # type: ignore[union-attr]
+    for name, p in gpt.named_parameters():  # a tied table appears once, maybe as lm_head
+        if p is wte:
+            name = WTE
         train = False
         if name.startswith("whisper_adapter."):
             train = spec.adapter
