@@ -1,0 +1,24 @@
+"""Plugin hooks of omniframe_audio: sources, VADs and sinks (stage modules load lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from omniframe import hookimpl
+
+if TYPE_CHECKING:
+    from omniframe.stage import Stage
+
+
+@hookimpl
+def register_stages(register: Callable[[type[Stage]], None]) -> None:
+    """Register file/synth/mic sources, energy/silero/webrtc VADs, wav/speaker/text/null
+    sinks."""
+    from omniframe_audio.sinks import NullSink, SpeakerSink, TextSink, WavSink
+    from omniframe_audio.sources import FileSource, MicSource, SynthSource
+    from omniframe_audio.vad import EnergyVAD, SileroVAD, WebRTCVAD
+
+    for cls in (FileSource, SynthSource, MicSource, EnergyVAD, SileroVAD, WebRTCVAD,
+                WavSink, TextSink, NullSink, SpeakerSink):
+        register(cls)
