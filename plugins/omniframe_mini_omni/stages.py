@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import anyio
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from omniframe.frames import (
     AudioCodesFrame,
@@ -196,6 +196,8 @@ class SnacCodec(Stage):
         while dec.ready():
             start, end = dec.next_chunk()
             samples = await self.run_sync(dec.decode_range, start, end)
+            if self._decoder is not dec:  # interrupted while decoding: drop it
+                return
             yield self._audio(samples)
 
     async def _finish(self, turn: int) -> AsyncIterator[Frame]:
@@ -340,7 +342,7 @@ class MiniOmniLM(Stage):
     kind = "lm"
     name = "mini-omni"
     consumes = (FeaturesFrame, TranscriptFrame)
-    produces = (TextDeltaFrame, AudioCodesFrame, EndOfTurnFrame)
+    produces = (TextDeltaFrame, AudioCodesFrame, EndOfTurnFrame, TranscriptFrame)
 
     class Options(StageOptions):
         model: str = "hf://gpt-omni/mini-omni"
@@ -369,6 +371,19 @@ class MiniOmniLM(Stage):
         tokenizer: str | None = None
         """A tokenizer.json to use instead of the checkpoint's (random models have none: they
         fall back to a byte tokenizer)."""
+        output: Literal["answer", "transcript"] = "answer"
+        """``transcript`` (text-output tasks, meant for ASR): emit the whole text as one
+        TranscriptFrame instead of text deltas and an end of turn, so that a text-input
+        stage (T1A2, T1T2, a cascade LM) can answer it."""
+
+        @model_validator(mode="after")
+        def _check_output(self) -> MiniOmniLM.Options:
+            if self.output == "transcript" and self.task in ("A1A2", "T1A2"):
+                raise ValueError(
+                    f"output 'transcript' needs a text-output task (ASR, A1T2, T1T2), not "
+                    f"{self.task}"
+                )
+            return self
 
         @field_validator("trace", "tokenizer")
         @classmethod
@@ -399,7 +414,8 @@ class MiniOmniLM(Stage):
         self._trace_lock = threading.Lock()
         if o.trace:
             self._trace_file = await self.run_sync(_open_trace, o.trace)
-        self._cancelled: tuple[int, str] | None = None
+        self._active: tuple[int, Any] | None = None  # (turn, IncrementalDecoder) in flight
+        self._speech_end_ts = 0.0
 
     async def teardown(self) -> None:
         if getattr(self, "_trace_file", None) is not None:
@@ -432,11 +448,13 @@ class MiniOmniLM(Stage):
             if feats.size(0) < 1:
                 raise ValueError("empty FeaturesFrame (0 frames): nothing to answer")
             seconds = feats.size(0) / (frame.frame_rate or 50.0)
+            self._speech_end_ts = frame.speech_end_ts
             return {"whisper_features": feats.float()}, f"<{seconds:.1f} s of speech>"
         assert isinstance(frame, TranscriptFrame)
         if task.audio_input or not frame.final:
             return None
         ids = self.tokenizer.encode(frame.text.strip())
+        self._speech_end_ts = frame.speech_end_ts
         return {"text_ids": ids}, frame.text.strip()
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
@@ -448,9 +466,17 @@ class MiniOmniLM(Stage):
         if "text_ids" in kwargs and not kwargs["text_ids"]:
             yield EndOfTurnFrame(reason="empty", text="")
             return
-        self.context.session.add("user", heard, frame.turn)
+        transcript = self.options.output == "transcript"
+        if not transcript:
+            self.context.session.add("user", heard, frame.turn)
         async for out in self._generate(frame.turn, kwargs):
-            yield out
+            if not transcript:
+                yield out
+            elif isinstance(out, EndOfTurnFrame):
+                yield TranscriptFrame(text=(out.text or "").strip(), final=True,
+                                      speech_end_ts=self._speech_end_ts)
+            elif not isinstance(out, TextDeltaFrame):
+                yield out
 
     async def _acquire(self) -> None:
         lock = self.lm.lock
@@ -471,7 +497,7 @@ class MiniOmniLM(Stage):
         text = IncrementalDecoder(self.tokenizer)  # type: ignore[arg-type]
         await self._acquire()
         stream: Any = None
-        finished = False
+        self._active = (turn, text)
         try:
             try:
                 stream = await self.run_sync(lambda: GenerationStream(
@@ -480,7 +506,7 @@ class MiniOmniLM(Stage):
                     sampling=sampling, seed=o.seed, max_steps=o.max_new_tokens,
                     faithful=o.faithful, trace=self._tracer(turn), **kwargs))
             except ValueError as exc:  # e.g. a text prompt longer than the 2048 positions
-                finished = True
+                self._active = None
                 yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}")
                 yield EndOfTurnFrame(reason="error", text="")
                 return
@@ -500,20 +526,19 @@ class MiniOmniLM(Stage):
             tail = text.flush()
             if tail:
                 yield TextDeltaFrame(text=tail)
-            finished = True
+            self._active = None
             reason = stream.stop_reason
             elapsed = time.perf_counter() - t0
             self.log.info("answer done", turn=turn, steps=steps, stop=reason,
                           steps_per_s=round(steps / elapsed, 2) if elapsed > 0 else None)
-            self.context.session.add("assistant", text.text, turn)
+            if self.options.output == "answer":
+                self.context.session.add("assistant", text.text, turn)
             yield EndOfTurnFrame(
                 reason="completed" if reason in ("eoa", "eot") else "max_tokens", text=text.text)
         finally:
             if stream is not None:
                 stream.close()
             self.lm.lock.release()
-            if not finished:
-                self._cancelled = (turn, text.text)
 
     def _tracer(self, turn: int) -> Callable[[dict[str, Any]], None] | None:
         f = self._trace_file
@@ -528,8 +553,13 @@ class MiniOmniLM(Stage):
         return write
 
     async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
-        cancelled, self._cancelled = self._cancelled, None
-        if cancelled is not None:
-            turn, partial = cancelled
+        """The answer in flight (cancelled by the pipeline between two steps) ends here."""
+        active = self._active
+        if active is None or not 0 < active[0] < frame.turn:
+            return
+        self._active = None
+        turn, text = active
+        partial = text.text
+        if self.options.output == "answer":
             self.context.session.add("assistant", partial, turn)
-            yield EndOfTurnFrame(turn=turn, reason="interrupted", text=partial)
+        yield EndOfTurnFrame(turn=turn, reason="interrupted", text=partial)
