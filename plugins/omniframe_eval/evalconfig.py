@@ -59,7 +59,9 @@ class PipelineEntry(_Model):
     """One system under test."""
 
     name: str = Field(description="short name used in the report and the records")
-    config: str = Field(description="pipeline config YAML (relative to the eval config)")
+    config: str | dict[str, Any] = Field(
+        description="a pipeline config YAML file (relative to the eval config), or the "
+                    "pipeline config itself, inline (a mapping with a 'pipeline' list)")
     overrides: list[str] = Field(default_factory=list, description="--set style overrides")
     fallback: Fallback | None = None
     content_metrics: Literal["auto", "yes", "no"] = Field(
@@ -70,6 +72,11 @@ class PipelineEntry(_Model):
         default="transcript",
         description="what ASR word error rate scores: the pipeline's transcript (cascades), "
                     "or its text answer (an end-to-end model prompted to transcribe)")
+
+    @property
+    def label(self) -> str:
+        """The config's path, or ``<inline NAME>``, for messages and the report."""
+        return self.config if isinstance(self.config, str) else f"<inline {self.name}>"
 
     @field_validator("name")
     @classmethod

@@ -245,11 +245,10 @@ class Harness:
 
     def _pipeline_data(self, entry: PipelineEntry, extra: list[str] | None = None
                        ) -> dict[str, Any]:
-        from omniframe.config import ConfigError, apply_overrides, read_yaml
+        from omniframe.config import ConfigError, apply_overrides
 
-        path = self.cfg.resolve_path(entry.config)
         try:
-            data = read_yaml(path)
+            data = self._raw_pipeline(entry)
             overrides = [*entry.overrides, *(extra or [])]
             if overrides:
                 data = apply_overrides(data, overrides)
@@ -257,9 +256,19 @@ class Harness:
             raise HarnessError(f"pipeline {entry.name!r}: {exc}") from exc
         return data
 
+    def _raw_pipeline(self, entry: PipelineEntry) -> dict[str, Any]:
+        from omniframe.config import read_yaml
+
+        if isinstance(entry.config, dict):
+            return copy.deepcopy(entry.config)
+        return read_yaml(self.cfg.resolve_path(entry.config))
+
     def _fingerprint(self, entry: PipelineEntry) -> str:
-        path = self.cfg.resolve_path(entry.config)
-        text = path.read_text() if path.is_file() else f"<missing {path}>"
+        if isinstance(entry.config, dict):
+            text = json.dumps(entry.config, sort_keys=True)
+        else:
+            path = self.cfg.resolve_path(entry.config)
+            text = path.read_text() if path.is_file() else f"<missing {path}>"
         return _sha({
             "pipeline_yaml": text, "entry": entry.model_dump(), "mode": self.cfg.mode,
             "dataset": self.cfg.dataset.model_dump(), "seed": self.cfg.seed,
@@ -333,7 +342,7 @@ class Harness:
         from omniframe.audio import AudioError, read_audio
         from omniframe.config import ConfigError, parse_config
 
-        info = PipelineInfo(name=entry.name, config=entry.config,
+        info = PipelineInfo(name=entry.name, config=entry.label,
                             fingerprint=self._fingerprint(entry))
         try:
             data = self._pipeline_data(entry)
@@ -356,12 +365,12 @@ class Harness:
                 return None
             try:
                 item_data, _ = self._item_data(d, probe, entry.name, realtime=False)
-                cfg = parse_config(item_data, entry.config)
+                cfg = parse_config(item_data, entry.label)
                 from omniframe.config import build_pipeline
 
                 for _ in range(max(1, self.cfg.warmup)):
                     seed_everything(self.cfg.seed)
-                    pipe = build_pipeline(cfg, source=entry.config, collect=False)
+                    pipe = build_pipeline(cfg, source=entry.label, collect=False)
                     import anyio
 
                     with anyio.fail_after(self.cfg.item_timeout_s * 2):
@@ -395,7 +404,7 @@ class Harness:
                 info.notes.append(f"warm-up run failed ({type(err).__name__}: {err}); items "
                                   f"were still run one by one")
         try:
-            cfg = parse_config(data, entry.config)
+            cfg = parse_config(data, entry.label)
             info.device = cfg.device
             info.stages = [f"{s.kind}:{s.plugin}" for s in cfg.pipeline]
         except ConfigError as exc:
@@ -616,8 +625,7 @@ class Harness:
     def _run_info(self, items: list[EvalItem]) -> dict[str, Any]:
         from omniframe_eval.device import describe_device, device_label
 
-        devices = sorted({_read_device(self.cfg.resolve_path(p.config))
-                          for p in self.cfg.pipelines})
+        devices = sorted({_read_device(self, p) for p in self.cfg.pipelines})
         info = describe_device(devices[0] if devices else "cpu")
         label = self.cfg.device_label
         if label == "auto":
@@ -672,7 +680,7 @@ class Harness:
             done: dict[str, dict[str, Any]] = {}
             for it in items:
                 rec = cached.get(f"{entry.name}/{it.id}")
-                probe = self._base_record(PipelineInfo(entry.name, entry.config, fp), it)
+                probe = self._base_record(PipelineInfo(entry.name, entry.label, fp), it)
                 if rec is not None and rec.get("fingerprint") == probe["fingerprint"] and not (
                         self.retry_failed and rec.get("status") != "ok"):
                     done[it.id] = rec
@@ -741,11 +749,9 @@ def _entry(cfg: EvalConfig, name: str) -> PipelineEntry:
     return next(p for p in cfg.pipelines if p.name == name)
 
 
-def _read_device(path: Path) -> str:
+def _read_device(harness: Harness, entry: PipelineEntry) -> str:
     try:
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
+        data = harness._raw_pipeline(entry)
         return str(data.get("device", "cpu")) if isinstance(data, dict) else "cpu"
     except Exception:
         return "cpu"

@@ -71,6 +71,19 @@ class FileSource(Stage):
             yield AudioFrame(samples=x[i:i + n], sample_rate=sr, pts=i / sr)
 
 
+class ToneSource(Stage):
+    """A source that makes its own audio (no input file): the harness cannot use it."""
+
+    kind = "source"
+    name = "evaltest-tone"
+    produces = (AudioFrame,)
+
+    async def generate(self) -> AsyncIterator[Frame]:
+        from omniframe.testing import tone
+
+        yield AudioFrame(samples=tone(0.5), sample_rate=16000)
+
+
 class EnergyVad(Stage):
     kind = "vad"
     name = "evaltest-energy"
@@ -248,7 +261,7 @@ class WavSink(Stage):
             sf.write(self.options.path, np.concatenate(self.chunks), self.rate)
 
 
-STAGES = (FileSource, EnergyVad, OracleAsr, EchoText, CrashLm, ModelLm, WavSink)
+STAGES = (FileSource, ToneSource, EnergyVad, OracleAsr, EchoText, CrashLm, ModelLm, WavSink)
 
 
 @hookimpl

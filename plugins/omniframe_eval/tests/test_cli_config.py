@@ -1,0 +1,145 @@
+"""The eval config (validation, --set) and the ``omniframe eval`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from omniframe_eval.evalconfig import (
+    EvalConfigError,
+    apply_eval_overrides,
+    load_eval_config,
+)
+from omniframe_eval.tests.conftest import write_eval, write_manifest, write_pipeline
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIGS = REPO / "configs" / "eval"
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "e.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_shipped_eval_configs_are_valid() -> None:
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_eval_config(path)
+        assert cfg.pipelines, path
+    ab = load_eval_config(CONFIGS / "ab.yaml")
+    assert [p.name for p in ab.pipelines] == ["cascade", "mini-omni"]
+    assert ab.mode == "realtime" and ab.dataset.name == "spoken_qa"
+    mo = ab.pipelines[1]
+    assert mo.fallback is not None
+    assert "lm.options.model=random://mini-omni" in mo.fallback.overrides
+    assert ab.resolve_path(mo.config) == REPO / "configs" / "eval" / ".." / "mini_omni.yaml"
+
+
+def test_eval_config_errors_name_the_key(tmp_path: Path) -> None:
+    base = {"dataset": {"name": "spoken_qa"}, "pipelines": [{"name": "a", "config": "x.yaml"}]}
+    with pytest.raises(EvalConfigError, match=r"unknown key 'mdoe'; did you mean 'mode'\?"):
+        load_eval_config(_write(tmp_path, {**base, "mdoe": "offline"}))
+    with pytest.raises(EvalConfigError, match=r"pipelines\[0\].overides: unknown key "
+                                              r"'overides'; did you mean 'overrides'"):
+        load_eval_config(_write(tmp_path, {**base, "pipelines": [
+            {"name": "a", "config": "x.yaml", "overides": []}]}))
+    with pytest.raises(EvalConfigError, match="mode: Input should be 'realtime' or 'offline'"):
+        load_eval_config(_write(tmp_path, {**base, "mode": "fast"}))
+    with pytest.raises(EvalConfigError, match="dataset: required but missing"):
+        load_eval_config(_write(tmp_path, {"pipelines": base["pipelines"]}))
+    with pytest.raises(EvalConfigError, match="pipeline names must be unique"):
+        load_eval_config(_write(tmp_path, {**base, "pipelines": base["pipelines"] * 2}))
+    with pytest.raises(EvalConfigError, match="looks like a pipeline config"):
+        load_eval_config(_write(tmp_path, {"pipeline": [{"kind": "source", "plugin": "file"}]}))
+    with pytest.raises(EvalConfigError, match="does not exist"):
+        load_eval_config(tmp_path / "nope.yaml")
+
+
+def test_overrides() -> None:
+    data = {"mode": "realtime", "dataset": {"name": "spoken_qa"},
+            "pipelines": [{"name": "cascade", "config": "c.yaml"},
+                          {"name": "e2e", "config": "m.yaml", "overrides": ["a=1"]}]}
+    out = apply_eval_overrides(data, [
+        "mode=offline", "dataset.options.rates=[160, 180]", "pipelines.e2e.expects_audio=false",
+        "pipelines[0].config=other.yaml", "e2e:lm.options.max_new_tokens=32"])
+    assert out["mode"] == "offline"
+    assert out["dataset"]["options"]["rates"] == [160, 180]
+    assert out["pipelines"][1]["expects_audio"] is False
+    assert out["pipelines"][0]["config"] == "other.yaml"
+    assert out["pipelines"][1]["overrides"] == ["a=1", "lm.options.max_new_tokens=32"]
+    assert data["mode"] == "realtime"  # the input is not changed
+    with pytest.raises(EvalConfigError, match="no pipeline named 'nope'"):
+        apply_eval_overrides(data, ["nope:lm.options.x=1"])
+    with pytest.raises(EvalConfigError, match="must look like path=value"):
+        apply_eval_overrides(data, ["mode"])
+
+
+def _cli() -> object:
+    from omniframe.cli import _add_plugin_commands, cli
+
+    _add_plugin_commands()
+    return cli
+
+
+def test_eval_command_end_to_end(tiny_audio: Path, tmp_path: Path) -> None:
+    man = write_manifest(tiny_audio)
+    echo = write_pipeline(tmp_path, "echo")
+    ev = write_eval(tmp_path, man, [{"name": "echo", "config": echo.name}], mode="realtime")
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(_cli(), ["eval", str(ev), "--out", str(out), "--report-dir",
+                                 str(tmp_path / "docs"), "--mode", "offline", "--limit", "2",
+                                 "--no-progress", "--set", "echo:lm.options.prefix=Heard"])
+    assert res.exit_code == 0, res.output
+    assert "echo: 2/2 ok" in res.output
+    assert (tmp_path / "docs" / "report.md").exists()
+    assert (tmp_path / "docs" / "latency.png").exists()
+    assert not (out / "report.md").exists()  # the report went to --report-dir
+    rep = json.loads((tmp_path / "docs" / "report.json").read_text())
+    assert rep["run"]["mode"] == "offline" and rep["n_items"] == 2
+    assert rep["pipelines"][0]["per_item"][0]["answer"].startswith("Heard")
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_command_errors_are_one_clear_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    p = _write(tmp_path, {"name": "x", "pipeline": [{"kind": "source", "plugin": "file"}]})
+    res = runner.invoke(_cli(), ["eval", str(p), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "looks like a pipeline config" in res.output
+    p = _write(tmp_path, {"dataset": {"name": "nosuch"},
+                          "pipelines": [{"name": "a", "config": "x.yaml"}]})
+    res = runner.invoke(_cli(), ["eval", str(p), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "no dataset named 'nosuch'" in res.output
+    assert "spoken_qa" in res.output
+    p = _write(tmp_path, {"dataset": {"name": "manifest", "options": {"path": "/no/m.jsonl"}},
+                          "pipelines": [{"name": "a", "config": "x.yaml"}]})
+    res = runner.invoke(_cli(), ["eval", str(p), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "manifest: '/no/m.jsonl' does not exist" in res.output
+
+
+def test_inline_pipeline_and_a_source_that_cannot_read_files(tiny_audio: Path,
+                                                              tmp_path: Path) -> None:
+    import anyio
+    from omniframe_eval.harness import Harness
+
+    man = write_manifest(tiny_audio)
+    inline = {"name": "inline", "pipeline": [
+        {"kind": "source", "plugin": "evaltest-file"},
+        {"kind": "vad", "plugin": "evaltest-energy"},
+        {"kind": "lm", "plugin": "echo"},
+        {"kind": "codec", "plugin": "echo"},
+    ]}
+    synth = {"name": "synth", "pipeline": [{"kind": "source", "plugin": "evaltest-tone"},
+                                           {"kind": "vad", "plugin": "evaltest-energy"},
+                                           {"kind": "lm", "plugin": "echo"}]}
+    ev = write_eval(tmp_path, man, [{"name": "inline", "config": inline},
+                                    {"name": "synth", "config": synth}], limit=1)
+    rep = anyio.run(Harness(load_eval_config(ev), tmp_path / "run", progress=False).run)
+    inl, syn = rep["pipelines"]
+    assert inl["ok"] == 1  # no sink in the config: the harness adds a null sink
+    assert inl["per_item"][0]["answer"].startswith("I heard")
+    assert syn["failed"] == 1
+    assert "not a source that reads a file" in syn["failures"][0]["reason"]
