@@ -352,10 +352,12 @@ def _open_text(path: Path) -> TextIO:
 
 
 class TextSink(Stage):
-    """Prints the conversation as it happens: ``user: ...`` / ``agent: ...`` lines on stdout
-    (answer text streamed as it is decoded), or one JSON record per event in a ``.jsonl``
-    file (``event``, ``turn``, ``ts`` (monotonic), ``t`` (seconds since the sink started) and
-    the event's fields). A ``.txt`` path gets the stdout format."""
+    """Prints the conversation as it happens, on stdout or into a JSONL file.
+
+    On stdout: ``user: ...`` / ``agent: ...`` lines, the answer streamed as it is decoded.
+    With a ``.jsonl`` path: one JSON record per event, with ``event``, ``turn``, ``ts``
+    (monotonic), ``t`` (seconds since the sink started) and the event's fields. A ``.txt``
+    path gets the stdout format."""
 
     kind = "sink"
     name = "text"
