@@ -363,8 +363,10 @@ class MiniOmniLM(Stage):
         model's 2048 positions."""
         dtype: Dtype = "float32"
         faithful: bool = False
-        """Compute logits exactly as the reference (all 181,120 columns at every prompt
-        position, both heads for both rows). Same tokens, slower."""
+        """Compute as the reference does: all 181,120 logits at every prompt position, both
+        heads for both rows, both batch rows prefilled in full, the text head kept after the
+        end of text. False (fast) skips that work; greedy tokens are the same (up to float
+        rounding in the shared-prefix prefill), see fastpath.py."""
         trace: str | None = None
         """Write one JSON line per decode step: turn, step, the 7 fed-back local audio ids and
         the text id."""
@@ -488,6 +490,7 @@ class MiniOmniLM(Stage):
     async def _generate(self, turn: int, kwargs: dict[str, Any]) -> AsyncIterator[Frame]:
         from omniframe_mini_omni.generate import GenerationStream, SamplingOptions
         from omniframe_mini_omni.tokenizer import IncrementalDecoder
+        from omniframe_mini_omni.tokens import EOT
         from omniframe_mini_omni.tokens import Task as TaskEnum
 
         o = self.options
@@ -495,13 +498,19 @@ class MiniOmniLM(Stage):
         sampling = SamplingOptions(temperature=o.temperature, top_k=o.top_k or None,
                                    top_p=o.top_p)
         text = IncrementalDecoder(self.tokenizer)  # type: ignore[arg-type]
+        model: Any = self.lm.model
+        if not o.faithful:
+            from omniframe_mini_omni.fastpath import FastLM
+
+            greedy = o.top_k == 1 or o.temperature == 0.0
+            model = FastLM(model, skip_text_head=greedy and task.audio_output)
         await self._acquire()
         stream: Any = None
         self._active = (turn, text)
         try:
             try:
                 stream = await self.run_sync(lambda: GenerationStream(
-                    self.lm.model, task,
+                    model, task,
                     batch_parallel=o.batch_parallel and task is TaskEnum.A1A2,
                     sampling=sampling, seed=o.seed, max_steps=o.max_new_tokens,
                     faithful=o.faithful, trace=self._tracer(turn), **kwargs))
@@ -517,6 +526,8 @@ class MiniOmniLM(Stage):
                 if step is None:
                     break
                 steps += 1
+                if step.text == EOT and model is not self.lm.model:
+                    model.text_ended()  # the text head is no longer needed (fastpath.py)
                 delta = text.push(step.text)
                 if delta:
                     yield TextDeltaFrame(text=delta)

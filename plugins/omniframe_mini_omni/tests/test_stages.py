@@ -366,3 +366,53 @@ async def test_main_config_runs_with_random_weights(tmp_path):
     assert len(result.turns) == 1 and result.turns[0].audio_out_s > 0
     data, rate = sf.read(wav_out)
     assert rate == 24000 and len(data) > 0 and np.isfinite(data).all()
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def test_fastpath_prefill_and_text_head_skip():
+    """Shared-prefix prefill gives the plain model's logits with T+1 positions of compute; after
+    end of text the audio logits are unchanged and the stand-in text argmax is pad_t."""
+    from omniframe_mini_omni.fastpath import FastLM
+
+    model = _random_lm("tiny", torch.float32, "cpu", seed=1).model
+    row0, row1 = tokens.batch_prompts(12)
+    ids = torch.tensor([row0, row1])
+    feats = torch.randn(1, 12, 768)
+    kw = {"whisper_features": feats, "whisper_lens": [12, 12], "audio_rows": [True, True],
+          "last_only": True, "audio_head_rows": [0], "text_head_rows": [1]}
+    with torch.no_grad():
+        model.set_kv_cache(2, 64)
+        ref = model(ids, 0, **kw)
+        ref_next = model(ids[:, :, -1:], 15, last_only=True, audio_head_rows=[0],
+                         text_head_rows=[1])
+        fast = FastLM(model)
+        model.set_kv_cache(2, 64)
+        out = fast(ids, 0, **kw)
+        assert fast.prefill_positions == 15 + 1  # instead of 2 x 15
+        torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-4)
+        fast.text_ended()
+        audio, text = fast(ids[:, :, -1:], 15, last_only=True, audio_head_rows=[0],
+                           text_head_rows=[1])
+    torch.testing.assert_close(audio, ref_next[0], atol=1e-5, rtol=1e-4)
+    assert text.shape == ref_next[1].shape and int(text[0, -1].argmax()) == tokens.PAD_T
+    model.clear_kv_cache()
+
+
+async def test_fast_and_faithful_stages_agree(resources):
+    enc, lm, _ = chain(resources, lm={"max_new_tokens": 10})
+    _, lm_ref, _ = chain(resources, lm={"max_new_tokens": 10, "faithful": True})
+    turn = user_turn(turn=4)
+    await enc.setup()
+    feats = enc.encoder.encode(turn.samples, 16000, trim=True)
+    frame = FeaturesFrame(features=feats, frame_rate=50, turn=4)
+    fast = await run_frames([lm], [frame], timeout=60)
+    ref = await run_frames([lm_ref], [frame], timeout=60)
+
+    def answer(res):
+        return [(type(f).__name__, getattr(f, "codes", getattr(f, "text", None)))
+                for f in res.frames if isinstance(f, TextDeltaFrame | AudioCodesFrame)]
+
+    assert answer(fast) == answer(ref)

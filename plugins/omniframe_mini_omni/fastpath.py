@@ -1,0 +1,118 @@
+"""Compute savings for the LM stage that keep greedy decoding's tokens, torch level.
+
+:class:`FastLM` wraps a :class:`~omniframe_mini_omni.model.GPT` and is handed to
+:class:`~omniframe_mini_omni.generate.GenerationStream` in its place (same call signature):
+
+* **shared-prefix prefill** (batch-parallel decoding): the two prompt rows differ only in their
+  last position (``answer_a`` vs ``pad_a``), so the first T-1 positions are computed once for
+  row 0, their keys/values copied to row 1, and only the last position runs for both rows:
+  T+1 positions of compute instead of 2T. Same values up to float rounding (a batch of one vs
+  two rows may take different matmul blockings).
+* **no text head after end of text** (speech tasks): once the text stream has produced EOT,
+  the decode loop replaces every text sample by ``pad_t``, so the 152,000-column text head
+  (136M multiply-adds per step, a quarter of a step's weights) is skipped and a constant
+  logit row whose argmax is ``pad_t`` stands in. Exact for greedy decoding (``top_k`` 1 or
+  temperature 0); the stage turns it off otherwise, because a multinomial draw on the stand-in
+  would move the random stream.
+
+The stage calls :meth:`FastLM.text_ended` when it sees EOT. Everything else (``config``,
+``device``, ``set_kv_cache`` ...) is forwarded to the wrapped model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import tokens
+
+
+class FastLM:
+    """A GPT stand-in for GenerationStream with the savings above (one turn at a time)."""
+
+    def __init__(self, model: Any, *, skip_text_head: bool = True) -> None:
+        self.model = model
+        self.skip_text_head = skip_text_head
+        self._text_done = False
+        self._pad_logits: dict[tuple[int, int, torch.dtype], Tensor] = {}
+        self.prefill_positions = 0  # positions computed by the last prefill (for tests)
+
+    def __getattr__(self, name: str) -> Any:  # config, device, set_kv_cache, ...
+        return getattr(self.model, name)
+
+    def text_ended(self) -> None:
+        """The text stream produced EOT: later steps need no text logits."""
+        self._text_done = True
+
+    def __call__(
+        self,
+        input_ids: Tensor,
+        input_pos: int | Tensor | None = None,
+        *,
+        whisper_features: Tensor | None = None,
+        whisper_lens: Sequence[int] | Tensor | None = None,
+        audio_rows: Sequence[bool] | None = None,
+        last_only: bool = False,
+        audio_head_rows: Sequence[int] | None = None,
+        text_head_rows: Sequence[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        B, _, T = input_ids.shape
+        start = int(input_pos.reshape(-1)[0]) if isinstance(input_pos, Tensor) else (input_pos or 0)
+        if (B == 2 and T > 2 and start == 0 and last_only and self.model.has_kv_cache
+                and self._same_rows(input_ids, whisper_features, whisper_lens, audio_rows)):
+            return self._shared_prefill(input_ids, whisper_features, whisper_lens, audio_rows,
+                                        audio_head_rows, text_head_rows)
+        if not (T == 1 and start > 0):
+            self.prefill_positions = B * T
+        if self._text_done and self.skip_text_head and text_head_rows:
+            audio, _ = self.model(input_ids, input_pos, whisper_features=whisper_features,
+                                  whisper_lens=whisper_lens, audio_rows=audio_rows,
+                                  last_only=last_only, audio_head_rows=audio_head_rows,
+                                  text_head_rows=[])
+            t_out = 1 if last_only else T
+            return audio, self._pad_row(len(text_head_rows), t_out, audio.device)
+        return self.model(input_ids, input_pos, whisper_features=whisper_features,
+                          whisper_lens=whisper_lens, audio_rows=audio_rows, last_only=last_only,
+                          audio_head_rows=audio_head_rows, text_head_rows=text_head_rows)
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _same_rows(ids: Tensor, feats: Tensor | None, lens: Any, rows: Any) -> bool:
+        if not torch.equal(ids[0, :, :-1], ids[1, :, :-1]):
+            return False
+        if feats is not None and feats.size(0) == 2 and not torch.equal(feats[0], feats[1]):
+            return False
+        if lens is not None and int(lens[0]) != int(lens[1]):
+            return False
+        return rows is None or bool(rows[0]) == bool(rows[1])
+
+    def _shared_prefill(self, ids: Tensor, feats: Tensor | None, lens: Any, rows: Any,
+                        audio_head_rows: Sequence[int] | None,
+                        text_head_rows: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+        m = self.model
+        T = ids.size(-1)
+        m(ids[:1, :, : T - 1], 0,
+          whisper_features=feats[:1] if feats is not None else None,
+          whisper_lens=[int(lens[0])] if lens is not None else None,
+          audio_rows=[bool(rows[0])] if rows is not None else None,
+          last_only=True, audio_head_rows=[], text_head_rows=[])
+        for block in m.transformer.h:
+            cache = block.attn.kv_cache
+            cache.k[1, :, : T - 1] = cache.k[0, :, : T - 1]
+            cache.v[1, :, : T - 1] = cache.v[0, :, : T - 1]
+        self.prefill_positions = T - 1 + 2
+        return m(ids[:, :, T - 1 :], T - 1, last_only=True, audio_head_rows=audio_head_rows,
+                 text_head_rows=text_head_rows)
+
+    def _pad_row(self, rows: int, t: int, device: torch.device) -> Tensor:
+        key = (rows, t, torch.float32)
+        out = self._pad_logits.get(key)
+        if out is None:
+            out = torch.zeros(rows, t, tokens.TEXT_VOCAB_SIZE, device=device)
+            out[..., tokens.PAD_T] = 1.0
+            self._pad_logits[key] = out
+        return out
