@@ -86,6 +86,7 @@ class _Lanes:
     data_rx: ObjectReceiveStream[Frame]
     urgent_tx: ObjectSendStream[Frame]
     urgent_rx: ObjectReceiveStream[Frame]
+    urgent_sent: int = 0  # urgent frames sent so far; lets the receiver order the lanes
 
 
 def _lanes(buffer: int) -> _Lanes:
@@ -111,6 +112,8 @@ class _Runner:
         self._scope_turn = 0
         self._consumed: dict[type, bool] = {}
         self._blocked = 0.0  # time spent waiting on a full outbox while busy
+        self._urgent_done = 0  # urgent frames fully handled
+        self._urgent_progress = anyio.Event()
 
     def consumes(self, frame: Frame) -> bool:
         cls = type(frame)
@@ -122,7 +125,8 @@ class _Runner:
 
     async def emit(self, frame: Frame) -> None:
         if frame.urgent:
-            await self.outbox.urgent_tx.send(frame)
+            self.outbox.urgent_sent += 1
+            self.outbox.urgent_tx.send_nowait(frame)  # unbounded lane: never waits
         else:
             try:
                 self.outbox.data_tx.send_nowait(frame)
@@ -190,6 +194,11 @@ class _Runner:
                 except anyio.EndOfStream:
                     break
                 self.metrics.frames_in += 1
+                # urgent frames sent before this one must take effect first (an interrupt
+                # for turn n is handled before the first data frame of turn n)
+                target = self.inbox.urgent_sent
+                while self._urgent_done < target:
+                    await self._urgent_progress.wait()
                 turn = frame.turn
                 if 0 < turn < self.min_turn and isinstance(frame, DataFrame):
                     self.metrics.dropped += 1
@@ -214,17 +223,26 @@ class _Runner:
         async with self.inbox.urgent_rx:
             async for frame in self.inbox.urgent_rx:
                 self.metrics.frames_in += 1
-                if isinstance(frame, InterruptFrame):
-                    if frame.turn > self.min_turn:
-                        self.min_turn = frame.turn
-                    scope = self._scope
-                    if scope is not None and 0 < self._scope_turn < frame.turn:
-                        scope.cancel()
-                        self.metrics.interrupted += 1
-                    await self.emit(frame)  # downstream stops as early as possible
-                    await self._drive(self.stage.interrupt(frame), frame)
-                else:
-                    await self.emit(frame)
+                try:
+                    if isinstance(frame, InterruptFrame):
+                        if frame.turn > self.min_turn:
+                            self.min_turn = frame.turn
+                        scope = self._scope
+                        if scope is not None and 0 < self._scope_turn < frame.turn:
+                            scope.cancel()
+                            self.metrics.interrupted += 1
+                        await self.emit(frame)  # downstream stops as early as possible
+                        await self._drive(self.stage.interrupt(frame), frame)
+                    elif self.consumes(frame):  # e.g. a sink that shows errors
+                        await self._drive(self.stage.process(frame), frame)
+                        if self.kind == "sink":
+                            await self.emit(frame)
+                    else:
+                        await self.emit(frame)
+                finally:
+                    self._urgent_done += 1
+                    progress, self._urgent_progress = self._urgent_progress, anyio.Event()
+                    progress.set()
 
 
 @dataclass

@@ -356,3 +356,67 @@ async def test_custom_data_frame_passes_through() -> None:
 
     result = await run_frames([make_stage(Relay)], [Note(body="hi")])
     assert [f.body for f in result.frames or [] if isinstance(f, Note)] == ["hi"]
+
+
+class Journal(Stage):
+    """Records the order in which it sees interrupts and data."""
+
+    kind = "codec"
+    name = "journal"
+    consumes = (TextDeltaFrame,)
+    produces = (TextDeltaFrame,)
+
+    def __init__(self, *a: object, **k: object) -> None:
+        super().__init__(*a, **k)  # type: ignore[arg-type]
+        self.events: list[str] = []
+
+    async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        self.events.append(f"data{frame.turn}")
+        yield frame
+
+    async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
+        await anyio.sleep(0.001)  # a slow reset must still finish before new-turn data
+        self.events.append(f"interrupt{frame.turn}")
+        return
+        yield
+
+
+@given(st.integers(1, 5), st.integers(0, 5))
+def test_interrupt_takes_effect_before_the_data_sent_after_it(before: int, after: int) -> None:
+    async def main() -> None:
+        frames: list[Frame] = [TextDeltaFrame(text="x", turn=1) for _ in range(before)]
+        frames += [InterruptFrame(turn=2)]
+        frames += [TextDeltaFrame(text="y", turn=2) for _ in range(after)]
+        j1, j2 = make_stage(Journal, name="j1"), make_stage(Journal, name="j2")
+        with anyio.fail_after(10):
+            await run_frames([j1, j2], frames)
+        for j in (j1, j2):
+            i = j.events.index("interrupt2")
+            assert all(e != "data2" for e in j.events[:i])
+            assert j.events[i + 1:].count("data2") == after
+
+    anyio.run(main)
+
+
+class ErrorSink(Stage):
+    kind = "sink"
+    name = "errors"
+    consumes = (ErrorFrame,)
+
+    def __init__(self, *a: object, **k: object) -> None:
+        super().__init__(*a, **k)  # type: ignore[arg-type]
+        self.errors: list[str] = []
+
+    async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        assert isinstance(frame, ErrorFrame)
+        self.errors.append(frame.message)
+        return
+        yield
+
+
+async def test_urgent_frames_reach_a_stage_that_consumes_them() -> None:
+    sink = make_stage(ErrorSink)
+    result = await run_frames([make_stage(Relay), sink],
+                              [ErrorFrame(stage="x", message="disk full")])
+    assert sink.errors == ["disk full"]
+    assert any(isinstance(f, ErrorFrame) for f in result.frames or [])  # passed on
