@@ -91,8 +91,7 @@ def _file_loader(path: Path) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         from omniframe.audio import read_audio
 
-        audio = read_audio(path, SAMPLE_RATE)
-        samples = getattr(audio, "samples", audio)
+        samples, _ = read_audio(path, SAMPLE_RATE)
         return np.asarray(samples, dtype=np.float32).reshape(-1)
 
     return load
@@ -495,6 +494,19 @@ class FeatureStore:
             np.save(tmp, feats.astype(np.float16))
             tmp.replace(p)
         return feats
+
+
+    def precompute(self, records: Sequence[Record], rank: int = 0, world: int = 1,
+                   report: Callable[[str], None] | None = None) -> int:
+        """Encode (and cache) this rank's share of the records that have audio and no cached
+        features yet; returns how many were encoded. Needs ``cache_dir`` to be useful."""
+        todo = [r for r in records[rank::world] if r.features is None and r.audio is not None
+                and not ((p := self._path(r.key)) is not None and p.is_file())]
+        for i, rec in enumerate(todo):
+            self.get(rec)
+            if report and (i + 1) % 50 == 0:
+                report(f"features: {i + 1}/{len(todo)} encoded")
+        return len(todo)
 
 
 class Ct2WhisperEncoder:

@@ -27,7 +27,7 @@ import torch
 
 from . import ckpt
 from .data import FeatureStore, TrainData, dummy_sample, load_source
-from .dist import DistEnv, all_reduce_sum, init, no_sync, shutdown, wrap
+from .dist import DistEnv, all_reduce_sum, barrier, init, no_sync, shutdown, wrap
 from .evaluate import eval_items, evaluate
 from .loss import STREAM_NAMES, TrainModel, collate, combine, label_counts, stream_weights
 from .optim import lr_at, make_optimizer, select_trainable
@@ -200,6 +200,17 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
         eval_data = TrainData(recipe.data.eval, eval_recs, tokenizer, seed=recipe.seed,
                               global_batch=1, max_len=data.max_len)
         items = eval_items(eval_data, recipe.eval.max_samples)
+
+    if features.cache is not None:  # encode every utterance once, before the clock starts
+        t0 = time.perf_counter()
+        all_recs = [r for recs in train_recs for r in recs]
+        if eval_data is not None:
+            all_recs += [r for recs in eval_data.records for r in recs]
+        n = features.precompute(all_recs, env.rank, env.world, report=say)
+        barrier(env)
+        if n:
+            say(f"features: encoded {n} utterances in {time.perf_counter() - t0:.1f} s "
+                f"({recipe.encoder.kind} {recipe.encoder.model})")
 
     # ---------------------------------------------------------------- resume
     ck_root = out / "checkpoints"
