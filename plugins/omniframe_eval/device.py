@@ -7,7 +7,7 @@ import platform
 import sys
 from typing import Any
 
-__all__ = ["describe_device", "device_label"]
+__all__ = ["current_load", "describe_device", "device_label"]
 
 
 def _cpu_model() -> str:
@@ -28,6 +28,14 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def current_load() -> float | None:
+    """The 1-minute load average now (None where the OS does not say)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def describe_device(torch_device: str = "cpu") -> dict[str, Any]:
     """A JSON-ready description of this machine and the torch device the pipelines use."""
     info: dict[str, Any] = {
@@ -37,6 +45,7 @@ def describe_device(torch_device: str = "cpu") -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch_device": torch_device,
         "accelerator": None,
+        "load_start": current_load(),
     }
     if torch_device.startswith("cuda") and "torch" in sys.modules:
         torch = sys.modules["torch"]

@@ -710,6 +710,9 @@ class Harness:
             pipes[entry.name] = info.to_dict()  # notes found while running
             self._save_pipes(pipes, prev_pipes)
             records[entry.name] = [done[it.id] for it in items]
+        from omniframe_eval.device import current_load
+
+        run_info["device"]["load_end"] = current_load()
         (self.out / RUN).write_text(json.dumps(run_info, indent=2, default=str))
         judges = self._judge_status()
         from omniframe_eval.report import build_report

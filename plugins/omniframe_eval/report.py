@@ -171,7 +171,11 @@ def _verdict(blocks: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
             lines.append(f"**{b['name']}**: content metrics not meaningful — "
                          f"{b['content']['note']}")
     for b in blocks:
-        if b["failed"]:
+        if b["failed"] and not b["ok"]:
+            first = b["failures"][0]["reason"]
+            lines.append(f"**{b['name']}** produced no answer at all ({b['failed']} of "
+                         f"{b['items']} items failed; first reason: {_short(first, 240)})")
+        elif b["failed"]:
             lines.append(f"**{b['name']}** failed {b['failed']} of {b['items']} items "
                          f"(listed under Failures).")
     # the recommendation
@@ -194,7 +198,7 @@ def _verdict(blocks: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
                          f"{fastest['name']} for latency.")
     elif best is not None:
         lines.append(f"**Pick {best['name']}**: the best answer quality here.")
-    elif fastest is not None:
+    elif fastest is not None and len(timed) > 1:
         lines.append(f"Only latency can be compared in this run: {fastest['name']} is fastest.")
     return lines
 
@@ -238,6 +242,10 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _flat(text: str | None) -> str:
+    return " ".join(str(text).split())
+
+
 def _short(text: str | None, n: int = 60) -> str:
     if text is None:
         return "–"
@@ -251,12 +259,18 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
     dev = rep["device_label"]
     mode = run["mode"]
     ds = run["dataset"]
+    dinfo = run.get("device") or {}
+    load = None
+    if dinfo.get("load_start") is not None and dinfo.get("load_end") is not None:
+        load = (dinfo["load_start"], dinfo["load_end"])
     lines = [f"# {rep['title']}", ""]
     if run.get("description"):
         lines += [run["description"].strip(), ""]
     limit = f", first {run['limit']} items (--limit {run['limit']})" if run.get("limit") else ""
     lines += [
-        f"- **Device**: {dev} (every figure below comes from this device)",
+        f"- **Device**: {dev} (every figure below comes from this device)" + (
+            f"; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+            f"(other work on the machine slows every pipeline alike)" if load else ""),
         f"- **Mode**: {mode} — " + (
             "audio replayed at the speed of speech, so latencies are what a user would "
             "experience, including the VAD's end-of-speech wait (reported separately)."
@@ -284,16 +298,16 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
     lines.append("")
     for b in rep["pipelines"]:
         info = b["info"]
-        desc = f"- **{b['name']}** (`{b['config']}`): {' → '.join(info.get('stages') or [])}"
-        if info.get("device"):
-            desc += f"; torch device `{info['device']}`"
+        desc = f"- **{b['name']}** (`{b['config']}`)"
+        if info.get("stages"):
+            desc += f": {' → '.join(info['stages'])}; torch device `{info.get('device')}`"
         lines.append(desc)
         if info.get("fallback_used"):
-            lines.append(f"  - fallback used: {info.get('fallback_reason')}")
+            lines.append(f"  - fallback used: {_flat(info.get('fallback_reason'))}")
         if info.get("start_error"):
-            lines.append(f"  - could not start: {info['start_error']}")
+            lines.append(f"  - could not start: {_flat(info['start_error'])}")
         for n in info.get("notes") or []:
-            lines.append(f"  - note: {n}")
+            lines.append(f"  - note: {_flat(n)}")
     lines += ["", "## Which to pick", ""]
     lines += [f"- {v}" for v in rep["verdict"]]
 
