@@ -14,11 +14,13 @@ import click
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Processes on this machine: > 1 re-launches itself under torchrun.")
 @click.option("--nnodes", type=int, default=1, show_default=True, help="Nodes (torchrun).")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="Rendezvous endpoint for several nodes (torchrun c10d).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. --set steps=100 --set optim.lr=1e-3.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def train_command(recipe: str, nproc: int, nnodes: int, overrides: tuple[str, ...],
-                  as_json: bool) -> None:
+def train_command(recipe: str, nproc: int, nnodes: int, rdzv_endpoint: str | None,
+                  overrides: tuple[str, ...], as_json: bool) -> None:
     """Train Mini-Omni per RECIPE (configs/train/stage1.yaml, stage2.yaml, stage3.yaml).
 
     With --nproc N (and no torchrun environment) this execs
@@ -35,8 +37,12 @@ def train_command(recipe: str, nproc: int, nnodes: int, overrides: tuple[str, ..
         exe = shutil.which("torchrun")
         cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
         cmd += [f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
-        if nnodes == 1:
+        if nnodes == 1 and not rdzv_endpoint:
             cmd += ["--standalone"]
+        elif rdzv_endpoint:
+            cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
+        else:
+            raise click.ClickException("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
         cmd += ["-m", "omniframe_train", recipe]
         for o in overrides:
             cmd += ["--set", o]

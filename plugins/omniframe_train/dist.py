@@ -54,6 +54,15 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: float, env: DistEnv) -> float:
+    """Maximum of a float over ranks."""
+    if not (env.active and env.world > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier(env: DistEnv) -> None:
     if env.active:
         dist.barrier()

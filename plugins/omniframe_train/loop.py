@@ -27,7 +27,7 @@ import torch
 
 from . import ckpt
 from .data import FeatureStore, TrainData, dummy_sample, load_source
-from .dist import DistEnv, all_reduce_sum, barrier, init, no_sync, shutdown, wrap
+from .dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, init, no_sync, shutdown, wrap
 from .evaluate import eval_items, evaluate
 from .loss import STREAM_NAMES, TrainModel, collate, combine, label_counts, stream_weights
 from .optim import lr_at, make_optimizer, select_trainable
@@ -364,7 +364,7 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
         "export": str(export_path) if export_path else None,
         "curves": str(png) if png else None, "skipped_samples": data.skipped,
         "features_encoded": features.encoded, "world": env.world,
-        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_gb": all_reduce_max(peak_rss_gb(), env),  # the largest process
     }
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
