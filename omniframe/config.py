@@ -119,6 +119,9 @@ def _pydantic_problems(err: ValidationError, prefix: str,
                 msg += f" Expected one of: {', '.join(allowed)}"
         elif e["type"] == "missing":
             msg = "required but missing"
+        elif loc and loc[-1] == "plugin" and e.get("input", "") is None:
+            msg = ("is empty; YAML reads a bare null as nothing: for the null sink write "
+                   "plugin: 'null' (quoted)")
         elif "input" in e and e["type"] not in ("model_type",):
             msg = f"{msg} (got {e['input']!r})"
         problems.append((_loc(loc, prefix), msg))

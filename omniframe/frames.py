@@ -91,11 +91,15 @@ class AudioFrame(DataFrame):
         samples: float32 mono samples in -1..1, shape (n,).
         sample_rate: samples per second.
         pts: position of the first sample in the input stream, in seconds.
+        live: True when the audio arrives at the speed of speech (a microphone, a paced
+            file): only then can the user talk over an answer (barge-in). Offline input runs
+            faster than real time, and a later turn must not cut an earlier answer.
     """
 
     samples: np.ndarray
     sample_rate: int
     pts: float = 0.0
+    live: bool = False
 
     @property
     def duration(self) -> float:

@@ -181,7 +181,7 @@ class _Runner:
     async def _data_loop(self) -> None:
         assert self.inbox is not None
         rx = self.inbox.data_rx
-        is_sink = self.kind == "sink"
+        forward = self.kind == "sink" or self.stage.forward_consumed
         async with rx:
             while True:
                 try:
@@ -213,8 +213,8 @@ class _Runner:
                             await self._drive(self.stage.process(frame), frame)
                         finally:
                             self._scope = None
-                    if is_sink and not scope.cancel_called:
-                        await self.emit(frame)  # sinks pass on what they consumed
+                    if forward and not scope.cancel_called:
+                        await self.emit(frame)
                 else:
                     await self.emit(frame)
 
@@ -235,7 +235,7 @@ class _Runner:
                         await self._drive(self.stage.interrupt(frame), frame)
                     elif self.consumes(frame):  # e.g. a sink that shows errors
                         await self._drive(self.stage.process(frame), frame)
-                        if self.kind == "sink":
+                        if self.kind == "sink" or self.stage.forward_consumed:
                             await self.emit(frame)
                     else:
                         await self.emit(frame)

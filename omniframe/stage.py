@@ -84,6 +84,8 @@ class Stage:
         produces: frame types it may emit.
         input_option / output_option: the option that ``--input`` / ``--output`` set.
         output_suffixes: file suffixes this sink writes, to route ``--output``.
+        forward_consumed: also pass on each consumed frame after what ``process`` yields
+            (sinks always do, so several can chain; a TTS does it so text reaches the sink).
     """
 
     kind: ClassVar[StageKind]
@@ -91,6 +93,7 @@ class Stage:
     Options: ClassVar[type[StageOptions]] = StageOptions
     consumes: ClassVar[tuple[type[Frame], ...]] = ()
     produces: ClassVar[tuple[type[Frame], ...]] = ()
+    forward_consumed: ClassVar[bool] = False
     input_option: ClassVar[str | None] = None
     output_option: ClassVar[str | None] = None
     output_suffixes: ClassVar[tuple[str, ...]] = ()

@@ -35,8 +35,12 @@ def test_run_file_with_json_metrics(runner: CliRunner, tmp_path: Path) -> None:
     wav = tmp_path / "q.wav"
     sf.write(wav, speech_like([("silence", 0.3), ("speech", 1.0), ("silence", 0.3)],
                               sample_rate=44100), 44100)
-    res = runner.invoke(cli, ["run", "--input", str(wav), "--output", str(tmp_path / "a.wav"),
-                              "--json"])
+    cfg = tmp_path / "file.yaml"
+    cfg.write_text("pipeline:\n  - {kind: source, plugin: file}\n  - {kind: vad, plugin: energy}\n"
+                   "  - {kind: lm, plugin: echo}\n  - {kind: codec, plugin: echo}\n"
+                   "  - {kind: sink, plugin: wav}\n")
+    res = runner.invoke(cli, ["run", str(cfg), "--input", str(wav), "--output",
+                              str(tmp_path / "a.wav"), "--json"])
     assert res.exit_code == 0, res.output
     events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     turns = [e for e in events if e["event"] == "turn"]
@@ -47,6 +51,12 @@ def test_run_file_with_json_metrics(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_run_errors(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["run", "--input", str(tmp_path / "missing.wav")])
+    assert res.exit_code == 2
+    assert "the source 'synth' takes no input file" in res.stderr
+    cfg = tmp_path / "file.yaml"
+    cfg.write_text("pipeline:\n  - {kind: source, plugin: file}\n  - {kind: vad, plugin: energy}\n"
+                   "  - {kind: lm, plugin: echo}\n  - {kind: sink, plugin: 'null'}\n")
+    res = runner.invoke(cli, ["run", str(cfg), "--input", str(tmp_path / "missing.wav")])
     assert res.exit_code == 1
     assert "stage 'source' (source) failed" in res.stderr
     assert "does not exist" in res.stderr

@@ -45,6 +45,12 @@ def test_outer_shape_errors_give_paths() -> None:
     assert p["pipeline[0].plugin"] == "required but missing"
 
 
+def test_bare_null_plugin_is_explained() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_load("pipeline:\n  - {kind: sink, plugin: null}\n"))
+    assert "plugin: 'null' (quoted)" in problems(info)["pipeline[0].plugin"]
+
+
 def test_wrong_kind_and_empty_pipeline() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"pipeline": [{"kind": "brain", "plugin": "echo"}]})

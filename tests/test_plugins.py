@@ -147,7 +147,7 @@ def test_third_party_plugin_is_discovered_listed_and_usable(shout_installed: Pat
                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    said = "".join(r.get("text", "") for r in records if r.get("type") == "TextDeltaFrame")
+    said = "".join(r.get("text", "") for r in records if r.get("event") == "text_delta")
     assert "SECONDS OF SPEECH!!" in said
 
 

@@ -69,7 +69,8 @@ class _ArraySource(Stage):
                 delay = t0 + end / rate - time.monotonic()
                 if delay > 0:
                     await anyio.sleep(delay)
-            yield AudioFrame(samples=samples[start:end], sample_rate=rate, pts=start / rate)
+            yield AudioFrame(samples=samples[start:end], sample_rate=rate, pts=start / rate,
+                             live=realtime)
 
 
 class FileSource(_ArraySource):
@@ -281,6 +282,6 @@ class MicSource(Stage):
                 while len(pending) >= n_out and (limit is None or produced < limit):
                     chunk, pending = pending[:n_out], pending[n_out:]
                     yield AudioFrame(samples=chunk, sample_rate=out_rate,
-                                     pts=produced / out_rate, ts=ts)
+                                     pts=produced / out_rate, ts=ts, live=True)
                     produced += n_out
 

@@ -62,7 +62,9 @@ class VADOptions(StageOptions):
         100.0, ge=0, le=10_000,
         description="audio kept after the last voiced chunk (at most hangover_ms is there)")
     max_turn_s: float = Field(30.0, gt=0, le=3600, description="longer turns are split")
-    interrupt: bool = Field(True, description="send an InterruptFrame when a turn opens")
+    interrupt: bool | Literal["auto"] = Field(
+        "auto", description="send an InterruptFrame when a turn opens (barge-in); auto: only "
+        "for live input (microphone, real-time pacing), where the user can talk over an answer")
     forward_audio: bool = Field(False, description="pass the input AudioFrames on too")
 
 
@@ -107,6 +109,7 @@ class VADStage(Stage):
         super().__init__(*args, **kwargs)
         self._in_rate: int | None = None
         self._turn = 0
+        self._live = False  # the input arrives at the speed of speech
         self._in_turn = False
 
     def _init_stream(self, frame: AudioFrame) -> None:
@@ -197,7 +200,8 @@ class VADStage(Stage):
         n = self._turn
         self.log.debug("speech_started", turn=n, pts=round(self._t(at), 3))
         out: list[Frame] = [SpeechStartFrame(turn=n, pts=self._t(at))]
-        if self.options.interrupt:  # type: ignore[attr-defined]
+        interrupt = self.options.interrupt  # type: ignore[attr-defined]
+        if interrupt is True or (interrupt == "auto" and self._live):
             out.append(InterruptFrame(turn=n))
         return out
 
@@ -265,6 +269,7 @@ class VADStage(Stage):
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         assert isinstance(frame, AudioFrame)
+        self._live = frame.live
         if self._in_rate is None:
             self._init_stream(frame)
         elif frame.sample_rate != self._in_rate:

@@ -65,7 +65,8 @@ class EchoCodec(Stage):
     kind = "codec"
     name = "echo"
     consumes = (TextDeltaFrame,)
-    produces = (OutputAudioFrame,)
+    produces = (OutputAudioFrame, TextDeltaFrame)
+    forward_consumed = True  # the text goes on to the sinks
 
     class Options(StageOptions):
         sample_rate: int = 24000
