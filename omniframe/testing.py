@@ -123,12 +123,14 @@ def speech_like(pattern: Sequence[tuple[str, float]], sample_rate: int = 16000,
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def audio_frames(samples: Any, sample_rate: int = 16000,
-                 frame_ms: float = 20.0) -> list[AudioFrame]:
-    """Cut samples into AudioFrames of ``frame_ms`` (the last one may be shorter)."""
+def audio_frames(samples: Any, sample_rate: int = 16000, frame_ms: float = 20.0,
+                 live: bool = False) -> list[AudioFrame]:
+    """Cut samples into AudioFrames of ``frame_ms`` (the last one may be shorter).
+    ``live`` marks them as arriving at the speed of speech (barge-in applies)."""
     n = max(1, int(sample_rate * frame_ms / 1000))
     return [
-        AudioFrame(samples=samples[i:i + n], sample_rate=sample_rate, pts=i / sample_rate)
+        AudioFrame(samples=samples[i:i + n], sample_rate=sample_rate, pts=i / sample_rate,
+                   live=live)
         for i in range(0, len(samples), n)
     ]
 

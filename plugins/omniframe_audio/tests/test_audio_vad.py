@@ -25,8 +25,9 @@ TWO_TURNS = [("silence", 0.5), ("speech", 1.0), ("silence", 1.0), ("speech", 0.8
              ("silence", 1.0)]
 
 
-async def run_vad(stage, samples, rate: int = SR, frame_ms: float = 20.0, frames=None):
-    result = await run_frames([stage], frames or audio_frames(samples, rate, frame_ms),
+async def run_vad(stage, samples, rate: int = SR, frame_ms: float = 20.0, frames=None,
+                  live: bool = True):
+    result = await run_frames([stage], frames or audio_frames(samples, rate, frame_ms, live),
                               timeout=30)
     return result.frames
 
@@ -123,6 +124,15 @@ async def test_long_turns_are_split_and_the_stream_end_closes_a_turn() -> None:
         assert a.end_pts == pytest.approx(b.start_pts)
     assert turns[-1].end_pts == pytest.approx(2.7)
     assert sum(len(t.samples) for t in turns) == round((2.7 - turns[0].start_pts) * SR)
+
+
+async def test_offline_input_does_not_barge_in() -> None:
+    """Audio faster than real time: a later turn must not cut an earlier answer."""
+    frames = await run_vad(make_stage(EnergyVAD), speech_like(TWO_TURNS), live=False)
+    assert not of(frames, InterruptFrame) and len(of(frames, UserTurnFrame)) == 2
+    frames = await run_vad(make_stage(EnergyVAD, interrupt=True), speech_like(TWO_TURNS),
+                           live=False)
+    assert len(of(frames, InterruptFrame)) == 2
 
 
 async def test_interrupt_can_be_turned_off() -> None:
