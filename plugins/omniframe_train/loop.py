@@ -30,7 +30,7 @@ from .data import FeatureStore, TrainData, dummy_sample, load_source
 from .dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, init, no_sync, shutdown, wrap
 from .evaluate import eval_items, evaluate
 from .loss import STREAM_NAMES, TrainModel, collate, combine, label_counts, stream_weights
-from .optim import lr_at, make_optimizer, select_trainable
+from .optim import bind_row_masks, lr_at, make_optimizer, select_trainable
 from .recipe import Recipe
 from .start import build_model, export, param_summary
 
@@ -179,6 +179,7 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
     model = wrap(model, env, recipe.distributed.strategy,
                  find_unused=recipe.distributed.find_unused_parameters,
                  mixed_bf16=use_bf16 and recipe.distributed.strategy == "fsdp2")
+    row_masks = bind_row_masks(model, row_masks)
     optimizer = make_optimizer(model, recipe.optim)
     autocast = _autocast(env, recipe.precision)
     accum = recipe.accumulation(env.world)

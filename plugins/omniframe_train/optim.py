@@ -36,6 +36,22 @@ class RowMask:
         apply_row_mask(g, self.lo, self.hi)
 
 
+def bind_row_masks(model: nn.Module, masks: list[RowMask]) -> list[RowMask]:
+    """Re-point the masks at the parameters of the *wrapped* model: FSDP2's ``fully_shard``
+    replaces parameters by DTensor ones, so masks made before wrapping would hold stale
+    tensors. The tied table is found by name suffix (``wte`` or ``lm_head``)."""
+    if not masks:
+        return []
+    table = None
+    for name, p in model.named_parameters():
+        if name.endswith(WTE) or name.endswith("lm_head.weight"):
+            table = p
+            break
+    if table is None:
+        raise RuntimeError("the embedding table is not among the model's parameters")
+    return [RowMask(m.name, table, m.lo, m.hi) for m in masks]
+
+
 def apply_row_mask(grad: torch.Tensor, lo: int, hi: int) -> None:
     """Zero rows outside [lo, hi) of a gradient; handles FSDP2 DTensors sharded on dim 0."""
     local = grad
