@@ -323,6 +323,14 @@ def _random_lm(preset: str, dtype: Any, device: str, seed: int) -> Any:
     return checkpoint.MiniOmni(model=model, config=config, tokenizer=None, path=None)
 
 
+def _next_step(stream: Any) -> Any:
+    """One decode step (the first call prefills), under inference mode; None at the end."""
+    import torch
+
+    with torch.inference_mode():
+        return next(stream, None)
+
+
 def _open_trace(path: str) -> IO[str]:
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -522,7 +530,7 @@ class MiniOmniLM(Stage):
             t0 = time.perf_counter()
             steps = 0
             while True:
-                step = await self.run_sync(next, stream, None)
+                step = await self.run_sync(_next_step, stream)
                 if step is None:
                     break
                 steps += 1

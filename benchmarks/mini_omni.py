@@ -1,0 +1,271 @@
+"""Mini-Omni speed on CPU with random weights of the released sizes.
+
+    python benchmarks/mini_omni.py                 # fp32 and bf16, 2 threads
+    python benchmarks/mini_omni.py --threads 1 --steps 24
+
+Weights are random (``random://mini-omni`` = the released 0.5B LM, ``random://small`` = the
+Whisper-small encoder, ``random://snac_24khz``): compute cost does not depend on the values.
+Each dtype runs in its own process, so ``peak_rss_gb`` is what one bf16 pipeline (LM + Whisper
+encoder + SNAC) needs. One decode step is one batch-parallel A1A2 step (2 rows) = 85.3 ms of
+answer audio; real time needs 11.72 steps/s.
+
+"fast" is the LM stage's default path (``faithful: false``): last-position logits only, only
+the head rows that are read, shared-prefix prefill (fastpath.py). "faithful" computes like the
+reference. The two give the same greedy tokens. Options that change results relative to the
+reference: ``encoder.trim`` (Whisper without the 30 s padding), ``dtype: bfloat16``, and the
+codec's ``context_frames``/``lookahead_frames``/``deterministic``/``decode_tail``.
+
+The machine may be shared: the load average before and after each part is printed; numbers
+taken under load are lower bounds. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+QUESTION_S = 5.0
+STEP_AUDIO_S = 2048 / 24000  # 85.33 ms of answer audio per decode step
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+# ------------------------------------------------------------------------------------ child
+
+
+def child(dtype: str, threads: int, steps: int) -> dict[str, Any]:
+    import anyio
+    import torch
+
+    torch.set_num_threads(threads)
+    from omniframe_mini_omni.fastpath import FastLM
+    from omniframe_mini_omni.generate import GenerationStream
+    from omniframe_mini_omni.stages import MiniOmniLM, SnacCodec, WhisperEncoderStage
+
+    from omniframe.frames import OutputAudioFrame, UserTurnFrame
+    from omniframe.pipeline import Pipeline
+    from omniframe.resources import Resources
+    from omniframe.session import Session
+    from omniframe.stage import StageContext
+    from omniframe.testing import ListSource, speech_like
+
+    out: dict[str, Any] = {"dtype": dtype, "threads": threads, "load_start": _load()}
+    resources = Resources()
+    session = Session()
+
+    def ctx(name: str) -> StageContext:
+        return StageContext(name=name, session=session, resources=resources)
+
+    fast = dtype == "bfloat16"
+    enc_fast = WhisperEncoderStage({"model": "random://small", "trim": True}, ctx("encoder"))
+    enc_ref = WhisperEncoderStage({"model": "random://small", "trim": False}, ctx("encoder"))
+    lm = MiniOmniLM({"model": "random://mini-omni", "dtype": dtype, "max_new_tokens": 12,
+                     "faithful": not fast}, ctx("lm"))
+    codec = SnacCodec({"model": "random://snac_24khz", "frames_per_chunk": 1 if fast else 4},
+                      ctx("codec"))
+
+    async def setup() -> None:
+        for st in (enc_fast, enc_ref, lm, codec):
+            await st.setup()
+
+    t0 = time.perf_counter()
+    anyio.run(setup)
+    out["setup_s"] = round(time.perf_counter() - t0, 2)
+    out["rss_after_load_gb"] = _rss_gb()
+
+    audio = speech_like([("speech", QUESTION_S)], seed=1)
+    with torch.inference_mode():
+        # ------------------------------------------------------------ Whisper encoder
+        def timed(fn: Any, reps: int = 2) -> float:
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        out["whisper_trim_s"] = round(timed(lambda: enc_fast.encoder.encode(audio, trim=True)), 3)
+        out["whisper_faithful_s"] = round(timed(lambda: enc_ref.encoder.encode(audio), 1), 3)
+        feats = enc_fast.encoder.encode(audio, trim=True)
+        out["whisper_frames"] = int(feats.shape[0])
+
+        # ------------------------------------------------------------ LM prefill + decode
+        model = lm.lm.model
+
+        def prefill(faithful: bool) -> float:
+            m = model if faithful else FastLM(model)
+            s = GenerationStream(m, "A1A2", whisper_features=feats, batch_parallel=True,
+                                 max_steps=2, faithful=faithful)
+            t = time.perf_counter()
+            next(s)
+            dt = time.perf_counter() - t
+            s.close()
+            return dt
+
+        out["prefill_fast_s"] = round(min(prefill(False) for _ in range(2)), 3)
+        out["prefill_faithful_s"] = round(prefill(True), 3)
+
+        def decode(faithful: bool, n: int, *, text_done: bool = False,
+                   onednn: bool = True) -> float:
+            m: Any = model if faithful else FastLM(model)
+            s = GenerationStream(m, "A1A2", whisper_features=feats, batch_parallel=True,
+                                 max_steps=n + 3, faithful=faithful)
+            next(s)  # prefill
+            if text_done:
+                m.text_ended()
+            times = []
+            before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = onednn
+            try:
+                for _ in range(n + 2):
+                    t = time.perf_counter()
+                    next(s)
+                    times.append(time.perf_counter() - t)
+            finally:
+                torch.backends.mkldnn.enabled = before
+                s.close()
+            return 1.0 / statistics.median(times[2:])
+
+        out["load_decode"] = _load()
+        out["decode_fast_steps_per_s"] = round(decode(False, steps), 2)
+        out["decode_faithful_steps_per_s"] = round(decode(True, max(6, steps // 2)), 2)
+        out["decode_fast_no_text_head_steps_per_s"] = round(decode(False, steps, text_done=True),
+                                                            2)
+        out["decode_fast_no_onednn_steps_per_s"] = round(decode(False, steps, onednn=False), 2)
+
+    # ---------------------------------------------------------------- first audio, pipeline
+    enc = enc_fast if fast else enc_ref
+    firsts: list[float] = []
+
+    class FirstAudio:
+        def __init__(self) -> None:
+            self.t: float | None = None
+
+        def on_frame(self, stage: str, kind: str, frame: Any, now: float) -> None:
+            if self.t is None and kind == "codec" and isinstance(frame, OutputAudioFrame):
+                self.t = now
+
+    for _ in range(2):
+        obs = FirstAudio()
+        turn = UserTurnFrame(samples=audio, sample_rate=16000, turn=1,
+                             speech_end_ts=time.monotonic())
+        src = ListSource([turn], context=ctx("source"))
+        anyio.run(Pipeline([src, enc, lm, codec], observers=[obs]).run)
+        assert obs.t is not None, "no audio came out"
+        firsts.append(obs.t - turn.speech_end_ts)
+    out["first_audio_s"] = round(min(firsts), 3)
+    out["first_audio_config"] = (
+        "whisper trim, LM fast bf16, SNAC 1 frame/chunk" if fast else
+        "as released: whisper 30 s padding, LM faithful fp32, SNAC 4 frames/chunk")
+    out["peak_rss_gb"] = _rss_gb()
+    out["load_end"] = _load()
+    return out
+
+
+# ----------------------------------------------------------------------------------- parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=32, help="decode steps measured per variant")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.threads, args.steps)))
+        return
+
+    results: dict[str, dict[str, Any]] = {}
+    for dtype in args.dtypes.split(","):
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", dtype, "--threads", str(args.threads),
+             "--steps", str(args.steps)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{dtype} run failed")
+        results[dtype] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[dtype]["wall_s"] = round(time.perf_counter() - t, 1)
+
+    device = f"CPU: {_cpu()}, {os.cpu_count()} cores (shared machine: see load averages)"
+    print(f"Mini-Omni random weights, released sizes; {device}; torch threads {args.threads}")
+    keys = ["load_start", "setup_s", "whisper_trim_s", "whisper_faithful_s", "prefill_fast_s",
+            "prefill_faithful_s", "load_decode", "decode_fast_steps_per_s",
+            "decode_faithful_steps_per_s", "decode_fast_no_text_head_steps_per_s",
+            "decode_fast_no_onednn_steps_per_s", "first_audio_s", "peak_rss_gb", "load_end",
+            "wall_s"]
+    cols = list(results)
+    print(f"{'':40s}" + "".join(f"{c:>12s}" for c in cols))
+    for k in keys:
+        print(f"{k:40s}" + "".join(f"{results[c].get(k, '-')!s:>12s}" for c in cols))
+    for c in cols:
+        print(f"first audio ({c}): {results[c]['first_audio_config']}")
+
+    fp32 = results.get("float32", {})
+    bf16 = results.get("bfloat16", {})
+    best = bf16 or fp32
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return round(a / b, 2) if a and b else None
+
+    summary = {
+        "device": device,
+        "threads": args.threads,
+        "decode_steps_per_s_fp32": fp32.get("decode_fast_steps_per_s"),
+        "decode_steps_per_s_bf16": bf16.get("decode_fast_steps_per_s"),
+        "decode_steps_per_s_bf16_after_text_end": bf16.get(
+            "decode_fast_no_text_head_steps_per_s"),
+        "decode_steps_per_s_bf16_no_onednn": bf16.get("decode_fast_no_onednn_steps_per_s"),
+        "realtime_steps_per_s": round(1 / STEP_AUDIO_S, 2),
+        "prefill_s_5s_question": best.get("prefill_fast_s"),
+        "whisper_encoder_s_5s_question": best.get("whisper_trim_s"),
+        "first_audio_s": best.get("first_audio_s"),
+        "first_audio_s_as_released_fp32": fp32.get("first_audio_s"),
+        "peak_rss_gb": best.get("peak_rss_gb"),
+        "peak_rss_gb_fp32": fp32.get("peak_rss_gb"),
+        "fast_vs_faithful_decode_fp32": ratio(fp32.get("decode_fast_steps_per_s"),
+                                              fp32.get("decode_faithful_steps_per_s")),
+        "fast_vs_faithful_decode_bf16": ratio(bf16.get("decode_fast_steps_per_s"),
+                                              bf16.get("decode_faithful_steps_per_s")),
+        "fast_vs_faithful_prefill_bf16": ratio(bf16.get("prefill_faithful_s"),
+                                               bf16.get("prefill_fast_s")),
+        "trim_vs_faithful_whisper": ratio(best.get("whisper_faithful_s"),
+                                          best.get("whisper_trim_s")),
+        "bf16_vs_fp32_decode": ratio(bf16.get("decode_fast_steps_per_s"),
+                                     fp32.get("decode_fast_steps_per_s")),
+        "load_avg": {c: [results[c]["load_start"], results[c]["load_decode"],
+                         results[c]["load_end"]] for c in cols},
+        "changes_results_vs_reference": ["encoder.trim", "lm.dtype=bfloat16",
+                                         "codec.context_frames/lookahead_frames",
+                                         "codec.deterministic", "codec.decode_tail"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
