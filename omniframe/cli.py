@@ -218,9 +218,10 @@ def validate(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def plugins(as_json: bool) -> None:
     """List installed plugins: version, and the stages each registers."""
-    from omniframe.plugins import get_registry
+    from omniframe.plugins import get_registry, plugin_commands
 
     reg = get_registry()
+    commands = plugin_commands()
     rows = []
     for name, info in sorted(reg.plugins.items()):
         stages = [
@@ -233,6 +234,8 @@ def plugins(as_json: bool) -> None:
             "version": info.version,
             "module": info.module,
             "stages": stages,
+            "datasets": sorted(d for d, p in reg.dataset_plugin.items() if p == name),
+            "commands": commands.get(name, []),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -240,15 +243,19 @@ def plugins(as_json: bool) -> None:
     width = max((len(r["name"]) for r in rows), default=6)
     click.echo(f"{'plugin':<{width}}  {'version':<8}  stages (kind:name  consumes -> produces)")
     for r in rows:
-        first = True
-        if not r["stages"]:
-            click.echo(f"{r['name']:<{width}}  {r['version'] or '-':<8}  (no stages)")
-        for s in r["stages"]:
-            lead = (f"{r['name']:<{width}}  {r['version'] or '-':<8}" if first
+        lines = [
+            f"{s['kind'] + ':' + s['name']:<22} {', '.join(s['consumes']) or '-'} -> "
+            f"{', '.join(s['produces']) or '-'}"
+            for s in r["stages"]
+        ]
+        if r["datasets"]:
+            lines.append(f"{'datasets':<22} {', '.join(r['datasets'])}")
+        if r["commands"]:
+            lines.append(f"{'commands':<22} omniframe {', omniframe '.join(r['commands'])}")
+        for i, line in enumerate(lines or ["(registers nothing)"]):
+            lead = (f"{r['name']:<{width}}  {r['version'] or '-':<8}" if i == 0
                     else " " * (width + 10))
-            io = f"{', '.join(s['consumes']) or '-'} -> {', '.join(s['produces']) or '-'}"
-            click.echo(f"{lead}  {s['kind'] + ':' + s['name']:<22} {io}")
-            first = False
+            click.echo(f"{lead}  {line}")
 
 
 @cli.command("config-schema")

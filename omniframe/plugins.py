@@ -63,6 +63,7 @@ class Registry:
     stages: dict[tuple[str, str], type[Stage]] = field(default_factory=dict)
     stage_plugin: dict[tuple[str, str], str] = field(default_factory=dict)
     datasets: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    dataset_plugin: dict[str, str] = field(default_factory=dict)
     resolvers: dict[str, Callable[[str], Any]] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
 
@@ -148,6 +149,24 @@ def unregister_plugin(name: str) -> None:
     _registry = None
 
 
+def plugin_commands() -> dict[str, list[str]]:
+    """The CLI commands each plugin adds (by letting it register on a scratch group)."""
+    import click
+
+    load_plugins()
+    out: dict[str, list[str]] = {}
+    for impl in pm.hook.register_commands.get_hookimpls():
+        group = click.Group()
+        try:
+            impl.function(cli=group)
+        except Exception as exc:  # listing must not fail because of one plugin
+            log.warning("plugin commands could not be listed", plugin=impl.plugin_name,
+                        error=str(exc))
+            continue
+        out[impl.plugin_name] = sorted(group.commands)
+    return out
+
+
 def reset_plugins() -> None:
     """Forget the built registry (it is rebuilt from the hooks on next use)."""
     global _registry
@@ -194,6 +213,7 @@ def get_registry() -> Registry:
             if name in reg.datasets:
                 raise PluginError(f"dataset {name!r} is registered twice (second: {_owner!r})")
             reg.datasets[name] = factory
+            reg.dataset_plugin[name] = _owner
 
         impl.function(register=reg_ds)
 
