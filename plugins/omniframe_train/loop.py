@@ -56,6 +56,7 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(out / "tb"))
             except Exception:  # tensorboard not installed: CSV only
                 self.tb = None
+                log.info("tensorboard_unavailable", hint="pip install tensorboard; CSV only")
         for kind in self.rows:
             p = out / f"{kind}.csv"
             if p.is_file():  # resumed run: keep the history
@@ -105,7 +106,8 @@ class MetricsLog:
             if pts:
                 axes[1].plot(*zip(*pts, strict=True), marker="o", label=f"eval {name}")
         axes[1].set_xlabel("step")
-        axes[1].legend(fontsize=7)
+        if axes[1].get_lines():
+            axes[1].legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
         path = self.out / "curves.png"

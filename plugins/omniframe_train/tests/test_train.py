@@ -169,3 +169,23 @@ def test_init_from_hf_qwen2_folder(tmp_path: Path, tokenizer_file: Path) -> None
         h = gpt.forward_embeddings(x)
         ours = gpt.text_logits(h)[0, :, :100]
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    from omniframe_train.loop import enable_activation_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        gpt = GPT(Config.from_name("tiny", whisper_adapter_dim=16))
+        gpt.init_weights(torch.Generator().manual_seed(0))
+        if ckpt:
+            enable_activation_checkpointing(gpt)
+        b = collate([build_sample("ASR", answer_ids=[3, 4], n_frames=5,
+                                  features=np.ones((5, 16), dtype=np.float32))], 16)
+        sums, counts, _ = TrainModel(gpt)(b["input_ids"], b["labels"], b["features"],
+                                          b["whisper_lens"])
+        combine(sums, counts, stream_weights()).backward()
+        grads.append(gpt.transformer.h[0].attn.attn.weight.grad.clone())
+        assert set(gpt.state_dict()) == set(GPT(gpt.config).state_dict())  # keys unchanged
+    torch.testing.assert_close(grads[0], grads[1])
