@@ -175,7 +175,7 @@ class RecordStore:
                     with self.path.open("a", encoding="utf-8") as g:
                         g.write("\n")
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

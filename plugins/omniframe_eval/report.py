@@ -247,7 +247,7 @@ def _flat(text: str | None) -> str:
 
 
 def _short(text: str | None, n: int = 60) -> str:
-    if text is None:
+    if text is None or not text.strip():
         return "–"
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -346,7 +346,7 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
         lines += ["", "In real-time mode a run lasts at least as long as its audio (run RTF ≥ 1 by "
                       "construction); use --mode offline for throughput."]
 
-    lines += ["", "## Content", ""]
+    lines += ["", f"## Content ({dev})", ""]
     rows = []
     notes = []
     for b in rep["pipelines"]:
@@ -470,7 +470,7 @@ def _plots(rep: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
                   frameon=False)
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(folder / "breakdown.png", dpi=110)
+        fig.savefig(folder / "breakdown.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         out.append(("Per-stage latency breakdown", "breakdown.png"))
 

@@ -184,7 +184,7 @@ BREAKDOWN = ("vad_wait", "asr", "first_text", "first_audio")
 BREAKDOWN_LABELS = {
     "vad_wait": "VAD end-of-speech wait",
     "asr": "ASR (VAD decision → transcript)",
-    "first_text": "LM to first text",
+    "first_text": "to first text (LM; encoder too without ASR)",
     "first_audio": "first text → first audio",
 }
 
