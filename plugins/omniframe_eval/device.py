@@ -47,13 +47,16 @@ def describe_device(torch_device: str = "cpu") -> dict[str, Any]:
         "accelerator": None,
         "load_start": current_load(),
     }
-    if torch_device.startswith("cuda") and "torch" in sys.modules:
-        torch = sys.modules["torch"]
+    if torch_device.startswith("cuda"):
         try:
+            import torch  # the pipelines need it on this device anyway
+
             if torch.cuda.is_available():
                 info["accelerator"] = torch.cuda.get_device_name(torch.device(torch_device))
+            else:
+                info["accelerator_missing"] = True
         except Exception:  # a label must never fail a run
-            pass
+            info["accelerator_missing"] = True
     try:
         import importlib.metadata as md
 
@@ -66,5 +69,10 @@ def describe_device(torch_device: str = "cpu") -> dict[str, Any]:
 def device_label(info: dict[str, Any]) -> str:
     """One line naming the device, for every table and plot."""
     acc = info.get("accelerator")
-    where = acc if acc else f"CPU only ({info['torch_device']})"
+    if acc:
+        where = f"{acc} ({info['torch_device']})"
+    elif info.get("accelerator_missing"):
+        where = f"asked for {info['torch_device']} but no CUDA device was found"
+    else:
+        where = f"CPU only ({info['torch_device']})"
     return f"{info['cpu']}, {info['cpus']} CPUs, {where}"

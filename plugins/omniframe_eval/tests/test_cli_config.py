@@ -143,3 +143,32 @@ def test_inline_pipeline_and_a_source_that_cannot_read_files(tiny_audio: Path,
     assert inl["per_item"][0]["answer"].startswith("I heard")
     assert syn["failed"] == 1
     assert "not a source that reads a file" in syn["failures"][0]["reason"]
+
+
+def test_shipped_echo_eval_runs_on_the_real_audio_plugin(tmp_path: Path) -> None:
+    """configs/eval/echo.yaml: spoken_qa (espeak-ng) → file source → energy VAD → echo."""
+    from omniframe.plugins import get_registry
+
+    if ("source", "file") not in get_registry().stages:
+        pytest.skip("omniframe_audio is not installed")
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(_cli(), ["eval", str(CONFIGS / "echo.yaml"), "--out", str(out),
+                                 "--mode", "offline", "--limit", "2", "--no-progress",
+                                 "--set", f"dataset.options.cache_dir={tmp_path / 'qa'}"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    (b,) = rep["pipelines"]
+    assert (b["ok"], b["failed"]) == (2, 0)
+    assert b["per_item"][0]["answer"].startswith("I heard")
+    assert b["content"]["meaningful"] is False
+    md = (out / "report.md").read_text()
+    assert "switched off for this pipeline" in md
+
+
+def test_help_lists_the_options() -> None:
+    res = CliRunner().invoke(_cli(), ["eval", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--out", "--mode", "--limit", "--resume / --no-resume", "--set",
+                "--report-dir"):
+        assert opt in res.output

@@ -116,3 +116,16 @@ def test_percentiles_known_values() -> None:
        st.floats(min_value=0, max_value=100))
 def test_percentile_matches_numpy(xs: list[float], q: float) -> None:
     assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-9, abs=1e-6)
+
+
+def test_device_label_names_the_device() -> None:
+    from omniframe_eval.device import describe_device, device_label
+
+    info = describe_device("cpu")
+    assert info["cpus"] >= 1 and info["cpu"]
+    assert device_label(info).endswith("CPU only (cpu)")
+    gpu = {**info, "torch_device": "cuda:0", "accelerator": "NVIDIA H100 80GB HBM3"}
+    assert device_label(gpu) == f"{info['cpu']}, {info['cpus']} CPUs, NVIDIA H100 80GB HBM3 " \
+                                f"(cuda:0)"
+    assert "no CUDA device was found" in device_label(
+        {**info, "torch_device": "cuda", "accelerator_missing": True})
