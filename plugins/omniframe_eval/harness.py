@@ -339,7 +339,7 @@ class Harness:
             PipelineInfo, dict[str, Any] | None]:
         """Probe the pipeline: build it and warm it up on the first usable item; switch to
         the fallback when its models cannot be had."""
-        from omniframe.audio import AudioError, read_audio
+        from omniframe.audio import read_audio
         from omniframe.config import ConfigError, parse_config
 
         info = PipelineInfo(name=entry.name, config=entry.label,
@@ -355,7 +355,7 @@ class Harness:
                 continue
             try:
                 read_audio(it.audio)
-            except (AudioError, Exception):
+            except Exception:  # AudioError, or soundfile's own errors for odd files
                 continue
             probe = it
             break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,39 @@ def test_hf_dataset_offline_gives_a_clear_message() -> None:
     else:  # installed but offline here: the hub cannot be reached
         with pytest.raises(DatasetError, match="Are you offline"):
             list(hf_dataset("librispeech"))
+
+
+def test_hf_dataset_maps_voiceassistant_fields(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The field mapping and audio caching, with a stand-in for the `datasets` library
+    (the hub cannot be reached here)."""
+    import types
+
+    calls: list[tuple] = []
+    rows = [
+        {"index": 7, "question": "what is two plus two", "answer": "four",
+         "question_audio": {"array": np.zeros(1600, np.float32), "sampling_rate": 16000}},
+        {"index": 8, "question": "no audio here", "answer": "x", "question_audio": None},
+    ]
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets",
+                        types.SimpleNamespace(load_dataset=load_dataset))
+    items = list(hf_dataset("voiceassistant", cache_dir=str(tmp_path)))
+    assert calls == [("gpt-omni/VoiceAssistant-400K", None, "train", True)]
+    good, bad = items
+    assert (good.id, good.transcript, good.answers, good.task) == (
+        "7", "what is two plus two", ("four",), "qa")
+    assert sf.info(good.audio).frames == 1600 and good.problem is None
+    assert "no decoded audio in field 'question_audio'" in bad.problem
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'openslr/librispeech_asr' on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DatasetError, match=r"could not load 'openslr/librispeech_asr'.*"
+                                           r"Are you offline\?.*'librispeech' dataset"):
+        list(hf_dataset("librispeech"))
