@@ -11,6 +11,7 @@ batch size), so resume continues exactly and N processes see what one process wo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -257,6 +258,30 @@ class BadRows:
             self.examples.append(f"{where}: {why}")
 
 
+@functools.lru_cache(maxsize=2)
+def _row_group_audio(path: Path, group: int) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(group, columns=["question_audio"]).column(
+        0).to_pylist()
+
+
+def _parquet_audio_loader(path: Path, group: int, row: int) -> Callable[[], np.ndarray]:
+    """Decode ``question_audio`` of one parquet row on demand (HF Audio: {bytes, path} or
+    {array, sampling_rate}); nothing of the audio stays in memory between calls."""
+
+    def load() -> np.ndarray:
+        audio = _row_group_audio(path, group)[row]
+        if isinstance(audio, dict) and audio.get("bytes"):
+            return _bytes_loader(audio["bytes"])()
+        if isinstance(audio, dict) and audio.get("array") is not None:
+            return _array_loader(audio["array"], int(audio.get("sampling_rate") or SAMPLE_RATE))()
+        raise DataError(f"{path.name}[group {group}, row {row}]: question_audio has neither "
+                        "bytes nor array")
+
+    return load
+
+
 def voice_assistant(path: str | Path, limit: int | None = None,
                     bad: BadRows | None = None) -> list[Record]:
     """VoiceAssistant-400K parquet shards (a file or a folder of ``*.parquet``).
@@ -287,8 +312,8 @@ def voice_assistant(path: str | Path, limit: int | None = None,
             raise DataError(f"{f}: missing columns {sorted(need - names)}; is this "
                             "VoiceAssistant-400K?")
         for g in range(pf.num_row_groups):
-            cols = [c for c in ("question", "answer", "answer_snac", "question_audio", "index",
-                                "split_name") if c in names]
+            cols = [c for c in ("question", "answer", "answer_snac", "index", "split_name")
+                    if c in names]  # audio is read lazily, row group by row group
             table = pf.read_row_group(g, columns=cols).to_pylist()
             for r, row in enumerate(table):
                 where = f"{f.name}[group {g}, row {r}]"
@@ -304,15 +329,8 @@ def voice_assistant(path: str | Path, limit: int | None = None,
                 if not frames:
                     bad.add(where, "answer_snac has no frames")
                     continue
-                audio = row.get("question_audio")
-                loader, n_samples = None, None
-                if isinstance(audio, dict):
-                    if audio.get("bytes"):
-                        loader = _bytes_loader(audio["bytes"])
-                    elif audio.get("array") is not None:
-                        sr = int(audio.get("sampling_rate") or SAMPLE_RATE)
-                        loader = _array_loader(audio["array"], sr)
-                        n_samples = int(len(audio["array"]) * SAMPLE_RATE / sr)
+                loader = _parquet_audio_loader(f, g, r) if "question_audio" in names else None
+                n_samples = None
                 key = f"va:{row.get('index', f'{f.stem}-{g}-{r}')}"
                 out.append(Record(key=key, audio=loader, n_samples=n_samples, text=q, answer=a,
                                   answer_snac=snac, meta={"n_snac": len(frames)}))
