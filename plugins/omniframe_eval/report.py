@@ -153,6 +153,13 @@ def _verdict(blocks: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
         lines.append(f"Voice-to-voice latency, median: {' vs '.join(parts)} ({where}).")
     else:
         lines.append("No pipeline produced a timed answer: no latency comparison is possible.")
+    for _, b in timed:
+        segs = [(v, k) for k, v in b["breakdown_p50"].items() if v is not None]
+        total = b["latency"]["voice_to_voice"]["p50"]
+        if segs and total:
+            v, k = max(segs)
+            lines.append(f"Where **{b['name']}**'s time goes: {BREAKDOWN_LABELS[k]} is its "
+                         f"largest segment ({_fmt_s(v)} of {_fmt_s(total)}, median).")
     meaningful = [b for b in blocks if b["content"]["meaningful"] and b["ok"]]
     scored = [(b["content"]["qa_accuracy"]["value"], b) for b in meaningful
               if b["content"]["qa_accuracy"]["value"] is not None]

@@ -140,7 +140,8 @@ def _strip_timing(rep: dict[str, Any]) -> dict[str, Any]:
             b.pop(key)
         for it in b["per_item"]:
             it.pop("v2v")
-    rep["verdict"] = [v for v in rep["verdict"] if "latency" not in v and "Pick" not in v]
+    rep["verdict"] = [v for v in rep["verdict"]
+                      if not any(w in v for w in ("latency", "Pick", "time goes"))]
     return rep
 
 
