@@ -24,10 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(recipe: Path, nproc: int, *overrides: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "omniframe_train", str(recipe)]
+def _torchrun(recipe: Path, nproc: int, *overrides: str, via_cli: bool = False) -> str:
+    if via_cli:  # `omniframe train --nproc N` execs torchrun (standalone rendezvous)
+        cmd = [sys.executable, "-c", "from omniframe.cli import main; main()", "train",
+               str(recipe), "--nproc", str(nproc)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               "-m", "omniframe_train", str(recipe)]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -64,7 +68,7 @@ def test_two_processes_match_one(tmp_path: Path, tokenizer_file: Path, strategy:
                        out_dir=str(tmp_path / "two"), trainable=trainable)
     data["distributed"] = {"strategy": strategy}
     recipe = write_recipe(tmp_path / "two.yaml", data)
-    out = _torchrun(recipe, 2)
+    out = _torchrun(recipe, 2, via_cli=strategy == "ddp")
     assert "2 process(es) gloo" in out
     two = torch.load(tmp_path / "two" / "export" / "lit_model.pth", weights_only=True)
     assert _max_diff(ref, two) < 1e-4
