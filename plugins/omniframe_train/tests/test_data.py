@@ -156,3 +156,14 @@ def test_records_without_usable_tasks_are_refused(tmp_path: Path, tokenizer_file
     with pytest.raises(DataError, match="support none of the tasks"):
         TrainData([spec], [[Record(key="x", text="one", answer="two")]],
                   TextTokenizer(tokenizer_file), seed=0, global_batch=1, max_len=100)
+
+
+def test_hf_dataset_offline_message() -> None:
+    import importlib.util
+
+    from omniframe_train.data import hf_dataset
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed; the online path needs the network")
+    with pytest.raises(DataError, match="needs the datasets package"):
+        hf_dataset("openslr/librispeech_asr", "validation", {})
