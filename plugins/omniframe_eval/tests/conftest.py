@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _test_stages() -> Iterator[None]:
+    """The test stages, registered for this folder's test modules only (other plugins' tests
+    that run later see the registry as installed)."""
     from omniframe_eval.tests import evalstages
 
     from omniframe.plugins import get_registry, register_plugin, unregister_plugin
