@@ -263,6 +263,34 @@ class Harness:
             return copy.deepcopy(entry.config)
         return read_yaml(self.cfg.resolve_path(entry.config))
 
+    def _stage_code(self, entry: PipelineEntry) -> str:
+        """A hash of the Python files of the packages that hold the pipeline's stage classes
+        (tests excluded): results cached with older plugin code are not reused."""
+        import importlib.util
+
+        from omniframe.plugins import get_registry
+
+        try:
+            data = self._raw_pipeline(entry)
+            reg = get_registry()
+            files: set[str] = set()
+            for st in data.get("pipeline", []):
+                cls = reg.stages.get((st.get("kind"), st.get("plugin")))
+                if cls is None:
+                    continue
+                spec = importlib.util.find_spec(cls.__module__.split(".")[0])
+                roots = list(spec.submodule_search_locations or []) if spec else []
+                for root in roots:
+                    files.update(str(f) for f in Path(root).rglob("*.py")
+                                 if "tests" not in f.relative_to(root).parts)
+            h = hashlib.sha256()
+            for f in sorted(files):
+                h.update(f.encode())
+                h.update(Path(f).read_bytes())
+            return h.hexdigest()[:16]
+        except Exception:  # unknown stages: the config error shows up when it runs
+            return ""
+
     def _fingerprint(self, entry: PipelineEntry) -> str:
         if isinstance(entry.config, dict):
             text = json.dumps(entry.config, sort_keys=True)
@@ -270,7 +298,8 @@ class Harness:
             path = self.cfg.resolve_path(entry.config)
             text = path.read_text() if path.is_file() else f"<missing {path}>"
         return _sha({
-            "pipeline_yaml": text, "entry": entry.model_dump(), "mode": self.cfg.mode,
+            "pipeline_yaml": text,
+            "code": self._stage_code(entry), "entry": entry.model_dump(), "mode": self.cfg.mode,
             "dataset": self.cfg.dataset.model_dump(), "seed": self.cfg.seed,
             "source_options": self.cfg.source_options,
             "asr": self.cfg.spoken_answer_asr.model_dump(),
