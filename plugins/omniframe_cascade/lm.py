@@ -19,12 +19,17 @@ tokenizer from it), ``hf://org/name[@rev]`` (a transformers model, or a GGUF rep
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from pydantic import Field
 
 from omniframe.frames import (
@@ -39,6 +44,8 @@ from omniframe.session import Message
 from omniframe.stage import Stage, StageOptions
 
 __all__ = ["LoadedLM", "TransformersLM", "build_messages", "resolve_lm"]
+
+log = structlog.get_logger("omniframe.lm")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful voice assistant. Answer in one short, plain sentence."
@@ -224,6 +231,12 @@ class TransformersLM(Stage):
         max_history_messages: int = Field(
             12, ge=1, description="keep at most this many past messages in the prompt")
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+        convert_cache: bool = Field(
+            True, description="keep a GGUF model, once de-quantized, as safetensors in the "
+                              "cache folder: later runs load in a second instead of ~20 s")
+        cache_dir: str | None = Field(
+            None, description="that cache folder; default $OMNIFRAME_CACHE or "
+                              "~/.cache/omniframe")
         threads: int | None = Field(
             None, ge=1, description="torch CPU threads (process-wide); None leaves torch's")
 
@@ -231,6 +244,8 @@ class TransformersLM(Stage):
         super().__init__(*args, **kwargs)
         self.lm: LoadedLM | None = None
         self._active: tuple[int, Message] | None = None
+        self.last_messages: list[dict[str, str]] = []
+        """The chat the last answer was prompted with (for logs, tests and evaluation)."""
 
     async def setup(self) -> None:
         o = self.options
@@ -243,8 +258,9 @@ class TransformersLM(Stage):
         tok_src = (await self.run_sync(resolve_lm, o.tokenizer, None)) if o.tokenizer else None
         device = str(self.context.device)
         key = ("transformers-lm", str(folder), gguf, str(tok_src), o.dtype, device)
+        cache = _cache_root(o.cache_dir) if o.convert_cache and gguf and not tok_src else None
         self.lm = await resources.aget(
-            key, lambda: _load_lm(folder, gguf, tok_src, o.dtype, device, o.model))
+            key, lambda: _load_lm(folder, gguf, tok_src, o.dtype, device, o.model, cache))
         if o.threads:
             import torch
 
@@ -273,7 +289,7 @@ class TransformersLM(Stage):
         o = self.options
         session = self.context.session
         session.add("user", heard, frame.turn)
-        messages = self._messages()
+        messages = self.last_messages = self._messages()
         prompt = await self.run_sync(self.lm.encode, messages, o.chat_template)
         msg = session.add("assistant", "", frame.turn)
         self._active = (frame.turn, msg)
@@ -285,16 +301,17 @@ class TransformersLM(Stage):
         try:
             for _ in range(o.max_new_tokens):
                 token, new = await self.run_sync(dec.step)
+                if self._active is None or self._active[1] is not msg:
+                    return  # a barge-in closed this answer (see interrupt) during the step
                 if token is None:
                     reason = "completed"
                     break
                 if new:
                     if first is None:
                         first = time.perf_counter() - t0
-                    msg.text = dec.text
+                    msg.text = dec.text  # always exactly the text sent so far
                     yield TextDeltaFrame(text=new)
         except BaseException:
-            msg.text = dec.text
             msg.interrupted = True
             raise
         finally:
@@ -403,8 +420,103 @@ def _download_gguf(uri: str, rest: str, gguf_file: str) -> tuple[Path, str]:
     return p.parent, p.name
 
 
+class _QuietGGUFBar:
+    """Silences the plain tqdm bar transformers draws while de-quantizing a GGUF file
+    (``disable_progress_bar`` does not reach it), until :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self.module: Any = None
+        try:
+            import transformers.modeling_gguf_pytorch_utils as module
+        except ImportError:
+            return
+        bar = getattr(module, "tqdm", None)
+        if bar is None or getattr(bar, "_omniframe_quiet", False):
+            return
+        self.module, self.original = module, bar
+
+        def quiet(*args: Any, **kwargs: Any) -> Any:
+            kwargs["disable"] = True
+            return bar(*args, **kwargs)
+
+        quiet._omniframe_quiet = True  # type: ignore[attr-defined]
+        module.tqdm = quiet
+
+    def restore(self) -> None:
+        if self.module is not None:
+            self.module.tqdm = self.original
+            self.module = None
+
+
+def _cache_root(option: str | None) -> Path:
+    root = option or os.environ.get("OMNIFRAME_CACHE") or "~/.cache/omniframe"
+    return Path(root).expanduser()
+
+
+def _converted_folder(cache: Path, gguf_path: Path) -> Path:
+    """Where the de-quantized copy of ``gguf_path`` lives: named by the file and a hash of
+    its path, size, modification time and the transformers version."""
+    import transformers
+
+    st = gguf_path.stat()
+    ident = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cache / "gguf-converted" / f"{gguf_path.stem}-{digest}"
+
+
+def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save a GGUF-loaded model as a plain transformers folder (safetensors, float32),
+    atomically: written to a temporary folder next to ``target``, then renamed."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # GGUF-loaded models refuse save_pretrained
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict({k: v.float() for k, v in model.state_dict().items()},
+                              assign=True)
+        plain.tie_weights()
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _load_lm(folder: Path, gguf: str | None, tok_src: tuple[Path, str | None] | None,
-             dtype: str, device: str, uri: str) -> LoadedLM:
+             dtype: str, device: str, uri: str, cache: Path | None = None) -> LoadedLM:
+    """Load (or re-load the converted copy of) a model, without progress bars: our own
+    log lines say what happens."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise ModelNotAvailable(
+            "the transformers LM needs torch and transformers: pip install 'omniframe[cascade]'"
+        ) from exc
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    quiet = _QuietGGUFBar()
+    try:
+        return _load_lm_quietly(folder, gguf, tok_src, dtype, device, uri, cache)
+    finally:
+        quiet.restore()
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_lm_quietly(folder: Path, gguf: str | None, tok_src: tuple[Path, str | None] | None,
+                     dtype: str, device: str, uri: str, cache: Path | None) -> LoadedLM:
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -414,12 +526,19 @@ def _load_lm(folder: Path, gguf: str | None, tok_src: tuple[Path, str | None] | 
         ) from exc
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
+    converted = _converted_folder(cache, folder / gguf) if cache is not None and gguf else None
+    if converted is not None and (converted / "config.json").exists():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch_dtype,
+                                                         local_files_only=True)
+            log.debug("loaded the de-quantized copy", uri=uri, folder=str(converted))
+            return _finish(model, tokenizer, device, uri)
+        except Exception as exc:  # a broken cache entry: rebuild it from the GGUF
+            log.warning("ignoring a broken converted copy", folder=str(converted), error=str(exc))
+            shutil.rmtree(converted, ignore_errors=True)
     tok_folder, tok_gguf = tok_src if tok_src else (folder, gguf)
     kwargs: dict[str, Any] = {"local_files_only": True}
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # GGUF de-quantizing draws bars; our logs say enough
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(tok_folder), **kwargs, **({"gguf_file": tok_gguf} if tok_gguf else {}))
@@ -432,9 +551,18 @@ def _load_lm(folder: Path, gguf: str | None, tok_src: tuple[Path, str | None] | 
     except (OSError, ValueError) as exc:
         raise ModelNotAvailable(f"could not load the LM {uri!r}: {type(exc).__name__}: {exc}"
                                 ) from exc
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    if converted is not None:
+        try:
+            _save_converted(model, tokenizer, converted)
+            log.info("saved a de-quantized copy for faster loading", uri=uri,
+                     folder=str(converted))
+        except Exception as exc:  # a read-only or full disk must not stop the run
+            log.warning("could not save a de-quantized copy", folder=str(converted),
+                        error=f"{type(exc).__name__}: {exc}")
+    return _finish(model, tokenizer, device, uri)
+
+
+def _finish(model: Any, tokenizer: Any, device: str, uri: str) -> LoadedLM:
     model.to(device)
     model.eval()
     lm = LoadedLM(model, tokenizer, uri)

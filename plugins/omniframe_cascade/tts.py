@@ -11,6 +11,8 @@ has finished writing. The text deltas themselves are passed on at once (for text
 Audio is resampled to ``sample_rate`` and sent in chunks of
 ``chunk_s`` seconds; each chunk's ``text`` is its share of the sentence, so that a sink cut
 off by a barge-in can tell what was heard. The end of turn is forwarded after the audio.
+On a barge-in the unspoken rest is dropped, and the session is told that at most the text
+synthesized so far can have been heard (the sink narrows it to what it played).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class SentenceTTS(Stage):
                                           comma_words=o.comma_words)  # type: ignore[attr-defined]
         self._turn = 0
         self._exe = ""
+        self._spoken = ""  # text of this turn's audio sent so far
+        self._open = False  # this turn's answer has text and has not ended yet
 
     # ------------------------------------------------------------------ to implement
 
@@ -139,6 +143,8 @@ class SentenceTTS(Stage):
     def _reset(self, turn: int) -> None:
         self._splitter.reset()
         self._turn = turn
+        self._spoken = ""
+        self._open = False
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         if frame.turn < self._turn:  # an older answer's end (e.g. interrupted): pass it on
@@ -149,6 +155,7 @@ class SentenceTTS(Stage):
                 self.log.debug("dropping unspoken text of an older turn", turn=self._turn)
             self._reset(frame.turn)
         if isinstance(frame, TextDeltaFrame):
+            self._open = True
             yield frame  # the text goes on at once (text sinks, printers), audio follows
             for piece in self._splitter.push(frame.text):
                 async for out in self._speak(piece):
@@ -160,10 +167,16 @@ class SentenceTTS(Stage):
         else:
             async for out in self._speak(self._splitter.flush()):
                 yield out
+        self._open = False
         yield frame
 
     async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
         if self._turn < frame.turn:
+            if self._open and self._turn:
+                # Nothing after what was synthesized can have been heard. The sink, further
+                # down, narrows this to what it actually played (if it started this answer).
+                self.context.session.truncate(self._turn, self._spoken)
+                self.log.info("speech interrupted", turn=self._turn, spoken=self._spoken)
             self._reset(frame.turn)
         return
         yield  # pragma: no cover
@@ -191,6 +204,7 @@ class SentenceTTS(Stage):
         texts = distribute_text(piece, [len(c) for c in chunks])
         for chunk, text in zip(chunks, texts, strict=True):
             yield OutputAudioFrame(samples=chunk, sample_rate=rate, text=text)
+            self._spoken += text
 
 
 class EspeakTTS(SentenceTTS):

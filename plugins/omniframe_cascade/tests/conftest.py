@@ -39,3 +39,30 @@ def question_audio() -> np.ndarray:
 def question_wav(tmp_path: Path, question_audio: np.ndarray) -> Path:
     pad = np.zeros(4800, np.float32)
     return write_wav(tmp_path / "question.wav", np.concatenate([pad, question_audio, pad]))
+
+
+@pytest.fixture(scope="session")
+def smollm() -> object:
+    """Loads SmolLM2-135M-Instruct into the process-wide cache once (outside any test's
+    time limit); stages built later with the default model reuse it."""
+    import anyio
+    from omniframe_cascade.lm import TransformersLM
+
+    from omniframe.testing import make_stage
+
+    stage = make_stage(TransformersLM)
+    anyio.run(stage.setup)
+    return stage.lm
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny() -> object:
+    """Loads Whisper tiny.en (CTranslate2) into the process-wide cache once."""
+    import anyio
+    from omniframe_cascade.asr import WhisperASR
+
+    from omniframe.testing import make_stage
+
+    stage = make_stage(WhisperASR)
+    anyio.run(stage.setup)
+    return stage._model

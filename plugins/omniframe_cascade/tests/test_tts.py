@@ -11,7 +11,7 @@ from omniframe_cascade.tts import EspeakTTS, FliteTTS, TTSError, parse_wav
 
 from omniframe.frames import EndOfTurnFrame, InterruptFrame, OutputAudioFrame, TextDeltaFrame
 from omniframe.pipeline import StageError
-from omniframe.testing import make_stage, run_stage
+from omniframe.testing import make_stage, run_frames, run_stage
 
 from .conftest import needs_espeak
 
@@ -69,7 +69,9 @@ async def test_interrupted_answers_are_not_spoken() -> None:
     frames = [*deltas("This sentence never ends"), InterruptFrame(turn=2),
               EndOfTurnFrame(turn=1, reason="interrupted", text="This sentence never ends")]
     with anyio.fail_after(30):
-        out = await run_stage(tts, frames)
+        result = await run_frames([tts], frames, interval=0.05)
+    out = result.frames
+    assert len([f for f in out if isinstance(f, TextDeltaFrame)]) == 4  # text came first
     assert not [f for f in out if isinstance(f, OutputAudioFrame)]
     assert [f.reason for f in out if isinstance(f, EndOfTurnFrame)] == ["interrupted"]
 
@@ -126,3 +128,18 @@ async def test_flite_unknown_voice_is_a_clear_error() -> None:
     tts = make_stage(FliteTTS, voice="nobody")
     with pytest.raises(TTSError, match="no voice 'nobody'; installed voices: .*slt"):
         await tts.setup()
+
+
+async def test_a_barge_in_tells_the_session_what_can_have_been_heard() -> None:
+    from omniframe.session import Session
+
+    session = Session()
+    session.add("user", "Tell me about Paris.", 1)
+    session.add("assistant", "Paris is big. It has a tower and", 1)
+    tts = make_stage(EspeakTTS, session=session)
+    frames = [*deltas("Paris is big. It has a tower and"), InterruptFrame(turn=2)]
+    with anyio.fail_after(30):
+        await run_frames([tts], frames, interval=0.1)  # the interrupt comes after the text
+    msg = session.last("assistant", 1)
+    assert msg.interrupted and msg.heard == "Paris is big. "
+    assert session.history()[-1] == {"role": "assistant", "content": "Paris is big. "}
