@@ -17,6 +17,16 @@ def is_verbose() -> bool:
     return _level <= logging.INFO
 
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. in tests)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """Readable lines on a terminal, JSON lines otherwise (or as ``json`` says). To stderr,
     so that stdout carries only results."""
@@ -38,7 +48,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr)

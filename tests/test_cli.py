@@ -99,3 +99,11 @@ def test_config_schema(runner: CliRunner, tmp_path: Path) -> None:
     assert res.exit_code == 0
     schema = json.loads(out.read_text())
     assert "pipeline" in schema["properties"]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> object:
+    import structlog
+
+    yield
+    structlog.reset_defaults()
