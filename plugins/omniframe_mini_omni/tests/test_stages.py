@@ -418,3 +418,28 @@ async def test_fast_and_faithful_stages_agree(resources):
                 for f in res.frames if isinstance(f, TextDeltaFrame | AudioCodesFrame)]
 
     assert answer(fast) == answer(ref)
+
+
+def test_onednn_switch_is_reference_counted():
+    import threading
+
+    from omniframe_mini_omni.fastpath import onednn_off
+
+    assert torch.backends.mkldnn.enabled
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other() -> None:
+        with onednn_off():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(5)
+    with onednn_off():
+        assert not torch.backends.mkldnn.enabled
+    assert not torch.backends.mkldnn.enabled  # the other thread still holds it
+    release.set()
+    t.join()
+    assert torch.backends.mkldnn.enabled  # restored by the last user
