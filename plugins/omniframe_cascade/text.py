@@ -40,18 +40,22 @@ class SentenceSplitter:
             digits (so "1. " or "Hi! " alone wait for more).
         comma_words: a comma (followed by a space) closes a piece once the piece has at least
             this many words, so a long first sentence starts sounding sooner; None: never.
+        first_max_words: ``max_words`` for the first piece of an answer only (the one the
+            listener waits for); None: the same as ``max_words``.
     """
 
     def __init__(self, max_words: int | None = 12, min_chars: int = 2,
-                 comma_words: int | None = None) -> None:
-        if max_words is not None and max_words < 1:
-            raise ValueError(f"max_words must be at least 1 (or None), got {max_words}")
-        if comma_words is not None and comma_words < 1:
-            raise ValueError(f"comma_words must be at least 1 (or None), got {comma_words}")
+                 comma_words: int | None = None, first_max_words: int | None = None) -> None:
+        for name, value in (("max_words", max_words), ("comma_words", comma_words),
+                            ("first_max_words", first_max_words)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), got {value}")
         self.max_words = max_words
         self.min_chars = min_chars
         self.comma_words = comma_words
+        self.first_max_words = first_max_words
         self.buffer = ""
+        self.pieces = 0  # pieces returned since the last reset
 
     def push(self, text: str) -> list[str]:
         """Add a delta; return the pieces that are complete now (possibly none)."""
@@ -63,6 +67,7 @@ class SentenceSplitter:
                 return out
             out.append(self.buffer[:cut])
             self.buffer = self.buffer[cut:]
+            self.pieces += 1
 
     def flush(self) -> str:
         """Return (and forget) whatever is buffered: the end of the answer."""
@@ -70,8 +75,9 @@ class SentenceSplitter:
         return rest
 
     def reset(self) -> None:
-        """Forget the buffer (barge-in)."""
+        """Forget the buffer and start a new answer (barge-in, next turn)."""
         self.buffer = ""
+        self.pieces = 0
 
     def _sentence_end(self) -> int:
         for m in _BOUNDARY.finditer(self.buffer):
@@ -88,16 +94,19 @@ class SentenceSplitter:
         return 0
 
     def _word_limit(self) -> int:
-        if self.max_words is None:
+        limit_words = self.max_words
+        if self.pieces == 0 and self.first_max_words is not None:
+            limit_words = self.first_max_words
+        if limit_words is None:
             return 0
         # only complete words count: the last one is complete once whitespace follows it
         words = list(_WORD.finditer(self.buffer))
         if words and words[-1].end() == len(self.buffer):
             words = words[:-1]
-        if len(words) < self.max_words:
+        if len(words) < limit_words:
             return 0
-        limit = words[self.max_words - 1]
-        for w in reversed(words[2: self.max_words]):  # a comma after at least 3 words
+        limit = words[limit_words - 1]
+        for w in reversed(words[2:limit_words]):  # a comma after at least 3 words
             if w.group().endswith(","):
                 return _after_space(self.buffer, w.end())
         return _after_space(self.buffer, limit.end())

@@ -99,14 +99,18 @@ class SentenceTTS(Stage):
         comma_words: int | None = Field(
             6, ge=1, description="speak up to a comma once this many words are waiting "
                                  "(None: only at sentence ends and max_words)")
+        first_max_words: int | None = Field(
+            None, ge=1, description="max_words for the answer's first piece only: a smaller "
+                                    "value starts the speech sooner (None: max_words)")
         executable: str | None = Field(
             None, description="path of the synthesizer program; default: found on PATH")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         o = self.options
-        self._splitter = SentenceSplitter(max_words=o.max_words,  # type: ignore[attr-defined]
-                                          comma_words=o.comma_words)  # type: ignore[attr-defined]
+        self._splitter = SentenceSplitter(
+            max_words=o.max_words, comma_words=o.comma_words,  # type: ignore[attr-defined]
+            first_max_words=o.first_max_words)  # type: ignore[attr-defined]
         self._turn = 0
         self._exe = ""
         self._spoken = ""  # text of this turn's audio sent so far

@@ -106,3 +106,13 @@ def test_word_error_rate() -> None:
     assert word_error_rate("What is the capital of France?", "what is the capital of france") == 0
     assert word_error_rate("a b c d", "a x c") == 0.5
     assert word_error_rate("", "") == 0.0
+
+
+def test_the_first_piece_can_be_shorter() -> None:
+    sp = SentenceSplitter(max_words=8, first_max_words=3)
+    assert sp.push("The sky on a clear day is blue and bright and wide ") == [
+        "The sky on ", "a clear day is blue and bright and "]
+    sp.reset()
+    assert sp.push("one two three four ") == ["one two three "]
+    with pytest.raises(ValueError, match="first_max_words"):
+        SentenceSplitter(first_max_words=0)
