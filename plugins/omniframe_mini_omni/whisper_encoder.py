@@ -169,7 +169,7 @@ class WhisperEncoder:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder.conv1.weight.dtype
+        return self.encoder.conv1.weight.dtype  # LayerNorms stay float32 (whisper casts)
 
     def encode(self, samples: Any, sample_rate: int = SAMPLE_RATE, *,
                trim: bool = False) -> torch.Tensor:
@@ -330,4 +330,7 @@ def load_whisper_encoder(model: str, *, device: str = "cpu", dtype: str = "float
         enc = load_checkpoint(ref.path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     enc.encoder.to(device=device, dtype=torch_dtype)
+    for module in enc.encoder.modules():  # whisper's LayerNorm computes in float32
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
     return dataclasses.replace(enc)

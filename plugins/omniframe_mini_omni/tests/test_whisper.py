@@ -120,6 +120,14 @@ def test_trim_encodes_only_kept_frames_and_differs_from_faithful(tiny):
     torch.testing.assert_close(b, ref)
 
 
+def test_bfloat16_encoder_is_close_to_float32():
+    audio = speech_like([("speech", 0.8)])
+    a = load_whisper_encoder("random://tiny").encode(audio, trim=True)
+    b = load_whisper_encoder("random://tiny", dtype="bfloat16").encode(audio, trim=True)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+
+
 def test_resamples_other_rates(tiny):
     audio16 = speech_like([("speech", 0.6)], sample_rate=16000)
     audio8 = speech_like([("speech", 0.6)], sample_rate=8000)
