@@ -127,10 +127,11 @@ def spoken_qa(text: str | None = None, voices: Sequence[str] = DEFAULT_VOICES,
               cache_dir: str | None = None) -> Iterator[EvalItem]:
     """Questions from ``text`` (default: the packaged ``spoken_qa.txt``) spoken by espeak-ng.
 
-    Item ``i`` is spoken with ``voices[i % len(voices)]`` at ``rates[i % len(rates)]`` words
-    per minute, so consecutive items vary in both. The audio is made on first use and kept in
-    ``cache_dir`` (default: ``~/.cache/omniframe/eval/spoken_qa/<hash>``); espeak-ng is
-    deterministic, so the same settings give the same files.
+    Item ``i`` is spoken with ``voices[i % V]`` at ``rates[(i % V + i // V) % R]`` words per
+    minute (V voices, R rates): consecutive items vary in both, and each voice cycles through
+    the rates, so every voice × rate pair occurs within V × R items. The audio is made on
+    first use and kept in ``cache_dir`` (default: ``~/.cache/omniframe/eval/spoken_qa/<hash>``);
+    espeak-ng is deterministic, so the same settings give the same files.
     """
     import numpy as np
 
@@ -141,13 +142,13 @@ def spoken_qa(text: str | None = None, voices: Sequence[str] = DEFAULT_VOICES,
     _check_voices(voices)
     qa = load_qa_text(text or DEFAULT_QA_TEXT)
     key = hashlib.sha256(json.dumps(
-        [qa, list(voices), list(rates), sample_rate, lead_silence_s, pitch]).encode()
+        [2, qa, list(voices), list(rates), sample_rate, lead_silence_s, pitch]).encode()
     ).hexdigest()[:12]
     folder = Path(cache_dir) if cache_dir else cache_root() / "spoken_qa" / key
     lead = np.zeros(int(lead_silence_s * sample_rate), np.float32)
     for i, (question, answers) in enumerate(qa):
         voice = voices[i % len(voices)]
-        rate = int(rates[i % len(rates)])
+        rate = int(rates[(i % len(voices) + i // len(voices)) % len(rates)])
         item_id = f"qa-{i + 1:03d}"
         path = folder / f"{item_id}.wav"
         if not path.exists():

@@ -120,7 +120,11 @@ class EvalConfig(_Model):
         description="realtime: audio fed at the speed of speech (user-experienced latency); "
                     "offline: as fast as possible (throughput)")
     seed: int = 0
-    limit: int | None = Field(default=None, ge=1, description="first N items only")
+    limit: int | None = Field(default=None, ge=1, description="N items only")
+    sample: Literal["first", "spread"] = Field(
+        default="first",
+        description="with a limit: the first N items, or N items spread evenly over the "
+                    "whole dataset (deterministic)")
     dataset: DatasetSpec
     pipelines: list[PipelineEntry] = Field(min_length=1)
     normalizer: Literal["whisper", "basic", "none"] = "whisper"

@@ -125,7 +125,13 @@ def load_items(cfg: EvalConfig, limit: int | None = None) -> list[EvalItem]:
         raise HarnessError(str(exc)) from exc
     limit = limit if limit is not None else cfg.limit
     try:
-        items = list(itertools.islice(items_iter, limit) if limit else items_iter)
+        if limit and cfg.sample == "spread":
+            everything = list(items_iter)
+            step = len(everything) / limit
+            picks = sorted({int(i * step) for i in range(limit)}) if everything else []
+            items = [everything[i] for i in picks]
+        else:
+            items = list(itertools.islice(items_iter, limit) if limit else items_iter)
     except DatasetError as exc:
         raise HarnessError(str(exc)) from exc
     seen: dict[str, int] = {}
@@ -673,6 +679,7 @@ class Harness:
             "dataset": self.cfg.dataset.model_dump(),
             "items": [it.id for it in items],
             "limit": self.limit if self.limit is not None else self.cfg.limit,
+            "sample": self.cfg.sample,
             "device": info,
             "device_label": label,
             "normalizer": self.cfg.normalizer,

@@ -273,7 +273,11 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
     lines = [f"# {rep['title']}", ""]
     if run.get("description"):
         lines += [run["description"].strip(), ""]
-    limit = f", first {run['limit']} items (--limit {run['limit']})" if run.get("limit") else ""
+    limit = ""
+    if run.get("limit"):
+        how = ("spread evenly over the dataset" if run.get("sample") == "spread"
+               else "the first ones")
+        limit = f" (--limit {run['limit']}: {how})"
     lines += [
         f"- **Device**: {dev} (every figure below comes from this device)" + (
             f"; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "

@@ -159,3 +159,15 @@ def test_hf_dataset_maps_voiceassistant_fields(tmp_path: Path,
     with pytest.raises(DatasetError, match=r"could not load 'openslr/librispeech_asr'.*"
                                            r"Are you offline\?.*'librispeech' dataset"):
         list(hf_dataset("librispeech"))
+
+
+def test_spoken_qa_covers_every_voice_and_rate_pair(tmp_path: Path) -> None:
+    qa = tmp_path / "qa.txt"
+    qa.write_text("".join(f"Question number {n}? | {n}\n" for n in range(15)))
+    for voices, rates in ((["en-us", "en-gb", "en-us+f3"], [150, 200]),
+                          (["en-us", "en-gb"], [150, 200])):
+        items = list(itertools.islice(spoken_qa(text=str(qa), voices=voices, rates=rates,
+                                                cache_dir=str(tmp_path / "a")),
+                                      len(voices) * len(rates)))
+        pairs = {(it.meta["voice"], it.meta["rate"]) for it in items}
+        assert len(pairs) == len(voices) * len(rates)

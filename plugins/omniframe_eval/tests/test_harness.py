@@ -289,3 +289,16 @@ async def test_spoken_answer_asr_and_embeddings_with_real_models(tmp_path: Path)
     near = emb.similarity("The capital of France is Paris.", ["Paris"])
     far = emb.similarity("Bananas are yellow.", ["Paris"])
     assert near is not None and far is not None and near > far
+
+
+def test_limit_takes_the_first_items_or_spreads_them(tmp_path: Path) -> None:
+    from omniframe_eval.harness import load_items
+
+    rows = [{"id": f"i{n}", "audio": f"{n}.wav"} for n in range(6)]
+    man = write_manifest(tmp_path, rows)
+    ev = write_eval(tmp_path, man, [{"name": "x", "config": "x.yaml"}])
+    first = load_items(load_eval_config(ev, ["limit=3"]))
+    spread = load_items(load_eval_config(ev, ["limit=3", "sample=spread"]))
+    assert [it.id for it in first] == ["i0", "i1", "i2"]
+    assert [it.id for it in spread] == ["i0", "i2", "i4"]
+    assert len(load_items(load_eval_config(ev, ["sample=spread"]))) == 6
