@@ -129,13 +129,17 @@ RMS-normalised 128-d states cap the text logits near 2.5, so the text loss canno
 above 100 %). Stage 2 then trains the LM on the frozen adapter's features and transcribes the
 held-out voices. See the variant below for stage 1 on a text-pretrained LM.
 
-Wall time on this machine (2 CPU cores shared with other jobs, 1 torch thread): data
-preparation {prep_s:.0f} s, stage 1 {s1.get("wall_s", 0):.0f} s (including
-{s1.get("features_encoded", 0)} Whisper encodings; 0 when they were cached), stage 2
-{s2.get("wall_s", 0):.0f} s; total {total_s:.0f} s (a resumed run counts only what it ran).
-A run from scratch encodes the 280 clips once (about 0.5-1 s each here). Training throughput
-(positions/s, padding included): stage 1 {s1.get("tokens_per_s", 0):.0f}, stage 2
-{s2.get("tokens_per_s", 0):.0f}.
+Wall time on this machine (2 CPU cores shared with other jobs, 1 torch thread):
+
+- data preparation (espeak-ng, tokenizer): {prep_s:.0f} s in this invocation (0 when reused);
+- stage 1: {s1.get("wall_s", 0):.0f} s, of which Whisper tiny.en encoding of
+  {s1.get("features_encoded", 0)} clips (0 when the feature cache was reused; about 1 s per clip
+  here, 280 clips from scratch);
+- stage 2: {s2.get("wall_s", 0):.0f} s;
+- this invocation in total: {total_s:.0f} s (stages already finished are skipped).
+
+Training throughput (positions/s, padding included): stage 1 {s1.get("tokens_per_s", 0):.0f},
+stage 2 {s2.get("tokens_per_s", 0):.0f}.
 
 ![stage 1 curves](stage1_curves.png)
 
