@@ -65,10 +65,13 @@ class LoadedLM:
         # transformers >= 5.x calls the KV cache argument ``cache`` (``past_key_values`` before)
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # only the last position's logits are needed: skips the vocabulary projection of the
+        # whole prompt at prefill
+        self.extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def forward(self, ids: Any, cache: Any) -> tuple[Any, Any]:
         """One forward pass over ``ids`` (1, n) after ``cache``: (last logits, new cache)."""
-        out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache})
+        out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache}, **self.extra)
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = out.past_key_values

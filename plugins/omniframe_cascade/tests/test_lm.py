@@ -173,3 +173,18 @@ async def test_the_dequantized_copy_matches_the_gguf(smollm, tmp_path: Path) -> 
         a, _ = smollm.forward(ids, None)
         b, _ = fresh.lm.forward(ids, None)
     assert torch.equal(a, b)
+
+
+async def test_hf_models_fail_clearly_when_the_hub_cannot_be_reached(monkeypatch) -> None:
+    import huggingface_hub.constants
+    from omniframe_cascade.asr import WhisperASR
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here
+    with pytest.raises(ModelNotAvailable, match="could not download 'x.gguf' from "
+                                                "'hf://nobody/nothing'.*local .gguf path"):
+        await make_stage(TransformersLM, model="hf://nobody/nothing", gguf_file="x.gguf").setup()
+    with pytest.raises(ModelNotAvailable, match="could not download 'hf://nobody/nothing'"):
+        await make_stage(TransformersLM, model="hf://nobody/nothing").setup()
+    # a faster-whisper size name means its Hugging Face repository
+    with pytest.raises(ModelNotAvailable, match="Systran/faster-whisper-base.en"):
+        await make_stage(WhisperASR, model="base.en").setup()

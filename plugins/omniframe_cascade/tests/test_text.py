@@ -67,20 +67,23 @@ def test_bad_limits_are_refused() -> None:
     cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=10),
     max_words=st.one_of(st.none(), st.integers(min_value=1, max_value=6)),
     comma_words=st.one_of(st.none(), st.integers(min_value=1, max_value=6)),
+    first=st.one_of(st.none(), st.integers(min_value=1, max_value=6)),
 )
 def test_splitting_loses_nothing_and_never_cuts_inside_a_word(
-        text: str, cuts: list[int], max_words: int | None, comma_words: int | None) -> None:
+        text: str, cuts: list[int], max_words: int | None, comma_words: int | None,
+        first: int | None) -> None:
     points = sorted({c for c in cuts if c <= len(text)} | {0, len(text)})
     deltas = [text[a:b] for a, b in zip(points, points[1:], strict=False)]
-    sp = SentenceSplitter(max_words=max_words, comma_words=comma_words)
+    sp = SentenceSplitter(max_words=max_words, comma_words=comma_words, first_max_words=first)
     pieces = feed(sp, deltas)
     rest = sp.flush()
     assert "".join(pieces) + rest == text
-    for p in pieces:
+    for i, p in enumerate(pieces):
         assert p and p[-1].isspace()  # every piece ends at whitespace: words stay whole
-        if max_words is not None:
-            # a piece closed by the word limit has at most max_words words
-            assert len(p.split()) <= max_words or any(c in p for c in ".!?;:,\n")
+        limit = first if i == 0 and first is not None else max_words
+        if limit is not None:
+            # a piece closed by the word limit has at most that many words
+            assert len(p.split()) <= limit or any(c in p for c in ".!?;:,\n")
 
 
 @given(text=st.text(alphabet=st.sampled_from(list("abc  .")), max_size=60),
