@@ -271,7 +271,8 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
         batches = [collate(m or [dummy_sample()], feature_dim) for m in micro]
         counts = torch.stack([label_counts(b["labels"]) for b in batches]).sum(0)
         n_pos = float(sum(b["input_ids"].shape[0] * b["input_ids"].shape[2] for b in batches))
-        stats = torch.cat([counts.double(), torch.tensor([n_pos, float(len(batch))])])
+        n_samples = float(sum(len(m) for m in micro))  # this rank's share of the batch
+        stats = torch.cat([counts.double(), torch.tensor([n_pos, n_samples])])
         stats = all_reduce_sum(stats.to(env.device), env).cpu()
         global_counts = stats[:8]
         lr = lr_at(step, recipe.optim, recipe.steps)
