@@ -89,7 +89,6 @@ class DataSpec(_Strict):
     eval: list[DatasetSpec] = Field(default_factory=list)
     max_len: int = 2048  # prompt + answer positions (block_size)
     bucket_size: int = 64  # length bucketing: sort within windows of this many global batches
-    num_workers: int = 0
 
 
 class TrainableSpec(_Strict):
