@@ -299,7 +299,8 @@ def hf_dataset(name: str, config: str | None = None, split: str | None = None,
         import datasets as hfds
     except ImportError:
         raise DatasetError(
-            f"hf: loading {repo!r} needs the 'datasets' package: pip install datasets. "
+            f"hf: loading {repo!r} needs the 'datasets' package: pip install datasets "
+            f"(or pip install 'omniframe[datasets]'). "
             f"Offline, use the 'librispeech' dataset on a local LibriSpeech folder or a "
             f"'manifest' of local files instead.") from None
     try:
