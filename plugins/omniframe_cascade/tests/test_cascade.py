@@ -127,7 +127,9 @@ async def test_barge_in_cancels_the_answer_and_the_new_question_is_answered(
     out = tmp_path / "answer.wav"
     session = Session()
     pipeline = cascade(
-        [q1, q2], out, "source.options.realtime=true", "source.options.gap_s=6.0",
+        # q2 starts 8 s after q1 ends: answer 1 is under way (it is 15-20 s long), even on a
+        # busy machine where the ASR and the LM's first words take a few seconds
+        [q1, q2], out, "source.options.realtime=true", "source.options.gap_s=8.0",
         "wav.options.realtime=true", "lm.options.max_new_tokens=64",
         "lm.options.system_prompt=You are a storyteller. Always tell long stories.",
         session=session)
@@ -136,7 +138,8 @@ async def test_barge_in_cancels_the_answer_and_the_new_question_is_answered(
     assert len(result.turns) == 2
     # answer 1 was cut: the history keeps only what was heard (possibly nothing)
     first = session.last("assistant", 1)
-    assert first is not None and first.interrupted
+    assert first is not None, f"turn 1 was never answered: {result.turns[0].summary()}"
+    assert first.interrupted, result.turns[0].summary()
     assert first.heard is not None and len(first.heard) < len(first.text)
     assert first.text.startswith(first.heard)
     # the new question was answered in full
@@ -145,7 +148,7 @@ async def test_barge_in_cancels_the_answer_and_the_new_question_is_answered(
     assert second.end_reason in ("completed", "max_tokens") and second.audio_out_s > 0.5
     hist = session.history()
     assert [m["role"] for m in hist if m["role"] == "user"] == ["user", "user"]
-    assert hist[-1]["role"] == "assistant" and "paris" in hist[-1]["content"].lower() or True
+    assert hist[-1] == {"role": "assistant", "content": second.text.strip()}
     # the answers in the file: the cut first one plus the whole second one
     import soundfile as sf
 

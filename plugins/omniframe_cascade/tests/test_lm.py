@@ -172,7 +172,9 @@ async def test_the_dequantized_copy_matches_the_gguf(smollm, tmp_path: Path) -> 
     with torch.inference_mode():
         a, _ = smollm.forward(ids, None)
         b, _ = fresh.lm.forward(ids, None)
-    assert torch.equal(a, b)
+    # the same weights; only the order of float sums may differ between runs
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 async def test_hf_models_fail_clearly_when_the_hub_cannot_be_reached(monkeypatch) -> None:
