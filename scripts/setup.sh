@@ -9,6 +9,7 @@ PY=${PYTHON:-python3}
 need=()
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+command -v flite >/dev/null 2>&1 || need+=(flite)  # second TTS backend (optional)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need[*]} (apt-get)"

@@ -378,6 +378,7 @@ class TextSink(Stage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._agent_open = 0  # turn whose "agent: " line is open
+        self._agent_shown = 0  # the last turn whose "agent: " line was closed
         self._t0 = time.monotonic()
 
     @property
@@ -409,6 +410,7 @@ class TextSink(Stage):
     def _close_agent(self, note: str = "") -> None:
         if self._agent_open:
             self._w(f"{note}\n")
+            self._agent_shown = self._agent_open  # its end of turn must not print it again
             self._agent_open = 0
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
@@ -462,6 +464,8 @@ class TextSink(Stage):
             note = "" if f.reason == "completed" else f" [{f.reason}]"
             if self._agent_open:
                 self._close_agent(note)
+            elif f.turn and f.turn == self._agent_shown:
+                pass  # already shown, closed early by an interrupt
             elif f.text:
                 self._w(f"agent: {f.text.strip()}{note}\n")
             elif note:

@@ -385,3 +385,17 @@ async def test_run_frames_smoke_with_two_sinks(tmp_path: Path) -> None:
     assert sf.info(str(tmp_path / "x.wav")).frames == 1200
     assert "text_delta" in (tmp_path / "x.jsonl").read_text()
     assert result.turns[0].first_audio_ts is not None
+
+
+async def test_text_sink_prints_an_interrupted_answer_once(capsys) -> None:
+    from omniframe_audio.sinks import TextSink
+
+    from omniframe.frames import EndOfTurnFrame, InterruptFrame, TextDeltaFrame
+    from omniframe.testing import make_stage, run_frames
+
+    frames = [TextDeltaFrame(text="The capital", turn=1), InterruptFrame(turn=2),
+              EndOfTurnFrame(turn=1, reason="interrupted", text="The capital")]
+    await run_frames([make_stage(TextSink)], frames)
+    out = capsys.readouterr().out
+    assert out.count("The capital") == 1
+    assert "[interrupted]" in out
