@@ -157,6 +157,17 @@ class SnacCodec(Stage):
         self._turn: int | None = None
         self._decoder: Any = None
         self.dropped_frames = 0
+        await self.run_sync(self._warm_up)
+
+    def _warm_up(self) -> None:
+        """Decode the chunk shapes of a turn once, so that the first answer does not pay for
+        creating the convolution kernels (about 0.1-1 s on CPU)."""
+        from omniframe_mini_omni.snac_codec import decode_frames
+
+        o = self.options
+        first = o.frames_per_chunk + o.lookahead_frames
+        for n in sorted({first, first + o.context_frames}):
+            decode_frames(self.model, [(0,) * 7] * n)
 
     def _new_decoder(self, turn: int) -> Any:
         from omniframe_mini_omni.snac_codec import ChunkedDecoder
