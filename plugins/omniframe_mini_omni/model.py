@@ -282,6 +282,8 @@ class GPT(nn.Module):
                 and cache.shape == shape
                 and cache.k.device == device
                 and cache.k.dtype == dtype
+                # a cache made under inference_mode cannot be updated outside it (and back)
+                and cache.k.is_inference() == torch.is_inference_mode_enabled()
             ):
                 continue
             block.attn.kv_cache = KVCache(

@@ -199,3 +199,18 @@ def test_training_forward_backward(tiny_model: GPT):
     (audio.logsumexp(-1).mean() + text.logsumexp(-1).mean()).backward()
     assert model.whisper_adapter.fc_1.weight.grad.abs().sum() > 0
     assert model.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_kv_cache_follows_inference_mode(tiny_model: GPT):
+    """A cache allocated under inference_mode is replaced, not reused, outside it (and back)."""
+    ids = torch.zeros(1, 8, 3, dtype=torch.long)
+    with torch.inference_mode():
+        tiny_model.set_kv_cache(1, 16)
+        tiny_model(ids, 0)
+    with torch.no_grad():
+        tiny_model.set_kv_cache(1, 16)
+        tiny_model(ids, 0)  # would fail updating an inference tensor in place
+    with torch.inference_mode():
+        tiny_model.set_kv_cache(1, 16)
+        tiny_model(ids, 0)
+    tiny_model.clear_kv_cache()
