@@ -92,7 +92,8 @@ def child(dtype: str, threads: int, steps: int) -> dict[str, Any]:
         {"model": "random://small", "trim": False}, ctx("encoder"))
     lm = MiniOmniLM({"model": "random://mini-omni", "dtype": dtype, "max_new_tokens": 12,
                      "faithful": not fast}, ctx("lm"))
-    codec = SnacCodec({"model": "random://snac_24khz", "frames_per_chunk": 1 if fast else 4},
+    codec = SnacCodec({"model": "random://snac_24khz", "frames_per_chunk": 4,
+                       "first_chunk_frames": 1 if fast else None},
                       ctx("codec"))
 
     async def setup() -> None:

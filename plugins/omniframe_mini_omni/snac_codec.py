@@ -183,12 +183,15 @@ class ChunkedDecoder:
         frames_per_chunk: new frames per decode call (the reference: 4).
         context_frames: earlier frames decoded along with each chunk (audio discarded).
         lookahead_frames: later frames required before a chunk is decoded, and decoded with it.
+        first_chunk_frames: size of the first chunk only (None: ``frames_per_chunk``). A small
+            first chunk gives early first audio; larger later chunks keep SNAC's cost down.
     """
 
     model: Any
     frames_per_chunk: int = 4
     context_frames: int = 0
     lookahead_frames: int = 0
+    first_chunk_frames: int | None = None
     frames: list[tuple[int, ...]] = field(default_factory=list)
     emitted: int = 0  # frames whose audio is out
     dropped: int = 0  # frames refused because they held specials
@@ -198,6 +201,14 @@ class ChunkedDecoder:
             raise ValueError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
         if self.context_frames < 0 or self.lookahead_frames < 0:
             raise ValueError("context_frames and lookahead_frames must be >= 0")
+        if self.first_chunk_frames is not None and self.first_chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames must be >= 1, got {self.first_chunk_frames}")
+
+    def _chunk(self) -> int:
+        """Frames in the next chunk."""
+        if self.emitted == 0 and self.first_chunk_frames is not None:
+            return self.first_chunk_frames
+        return self.frames_per_chunk
 
     def push(self, codes: Sequence[int]) -> bool:
         """Add one frame; False (and counted in ``dropped``) if it is not 7 SNAC codes."""
@@ -210,11 +221,11 @@ class ChunkedDecoder:
     def ready(self) -> bool:
         """True when a full chunk (plus its look-ahead) is waiting."""
         pending = len(self.frames) - self.emitted
-        return pending >= self.frames_per_chunk + self.lookahead_frames
+        return pending >= self._chunk() + self.lookahead_frames
 
     def next_chunk(self) -> tuple[int, int]:
         """Frame range [start, end) of the next full chunk (call when :meth:`ready`)."""
-        return self.emitted, self.emitted + self.frames_per_chunk
+        return self.emitted, self.emitted + self._chunk()
 
     def decode_range(self, start: int, end: int, *, right: int | None = None) -> np.ndarray:
         """Audio of frames [start, end), decoded with left context and up to ``right`` frames

@@ -133,6 +133,9 @@ class SnacCodec(Stage):
         """``hf://hubertsiuzdak/snac_24khz``, a folder with config.json + pytorch_model.bin,
         or ``random://snac_24khz``."""
         frames_per_chunk: int = Field(default=4, ge=1, le=256)
+        first_chunk_frames: int | None = Field(default=None, ge=1, le=256)
+        """Frames in the first chunk only (default: frames_per_chunk). 1 gives first audio
+        after 8 decode steps while later chunks of frames_per_chunk keep SNAC's cost low."""
         context_frames: int = Field(default=0, ge=0, le=64)
         """Frames before each chunk decoded with it (left context; their audio is dropped)."""
         lookahead_frames: int = Field(default=0, ge=0, le=64)
@@ -165,8 +168,10 @@ class SnacCodec(Stage):
         from omniframe_mini_omni.snac_codec import decode_frames
 
         o = self.options
-        first = o.frames_per_chunk + o.lookahead_frames
-        for n in sorted({first, first + o.context_frames}):
+        shapes = set()
+        for chunk in {o.frames_per_chunk, o.first_chunk_frames or o.frames_per_chunk}:
+            shapes |= {chunk + o.lookahead_frames, chunk + o.lookahead_frames + o.context_frames}
+        for n in sorted(shapes):
             decode_frames(self.model, [(0,) * 7] * n)
 
     def _new_decoder(self, turn: int) -> Any:
@@ -175,7 +180,7 @@ class SnacCodec(Stage):
         o = self.options
         self._turn = turn
         self._decoder = ChunkedDecoder(self.model, o.frames_per_chunk, o.context_frames,
-                                       o.lookahead_frames)
+                                       o.lookahead_frames, first_chunk_frames=o.first_chunk_frames)
         return self._decoder
 
     def _audio(self, samples: Any) -> OutputAudioFrame:

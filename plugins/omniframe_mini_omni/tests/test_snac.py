@@ -120,6 +120,27 @@ def test_chunked_with_context_equals_one_shot(snac_model, per_chunk):
     np.testing.assert_allclose(out, full, atol=1e-5)
 
 
+def test_small_first_chunk_then_full_chunks(snac_model):
+    """first_chunk_frames=1: audio after the first frame, then chunks of frames_per_chunk;
+    with context on both sides the stream still equals one-shot decoding."""
+    frames = random_frames(10)
+    full = decode_frames(snac_model, frames)
+    dec = ChunkedDecoder(snac_model, 4, context_frames=3, lookahead_frames=3,
+                         first_chunk_frames=1)
+    sizes, parts = [], []
+    for f in frames:
+        dec.push(f)
+        for part in dec.pop_ready():
+            sizes.append(len(part) // SAMPLES_PER_FRAME)
+            parts.append(part)
+    tail = dec.flush()
+    assert tail is not None
+    assert sizes == [1, 4]  # 1 + 4 frames out; 5 left for the end of the turn
+    np.testing.assert_allclose(np.concatenate([*parts, tail]), full, atol=1e-5)
+    with pytest.raises(ValueError, match="first_chunk_frames must be >= 1"):
+        ChunkedDecoder(snac_model, 4, first_chunk_frames=0)
+
+
 def test_independent_chunks_differ_at_borders(snac_model):
     """The reference's independent 4-frame chunks are not one-shot decoding: the decoder's
     receptive field is cut at chunk borders (what context/lookahead fix)."""
