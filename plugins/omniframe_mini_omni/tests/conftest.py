@@ -14,6 +14,18 @@ _PLUGINS = Path(__file__).resolve().parents[2]
 if str(_PLUGINS) not in sys.path:
     sys.path.insert(0, str(_PLUGINS))
 
+@pytest.fixture(scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine OpenMP spinning makes 2 threads up to 10x
+    slower. Modules that run SNAC/Whisper/the LM stage ask for it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 WORDS = ["hello", "world", "how", "are", "you", "the", "answer", "is", "yes", "no"]
 
 

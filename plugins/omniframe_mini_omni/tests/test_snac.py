@@ -19,7 +19,7 @@ from omniframe.session import Session
 from omniframe.stage import StageContext
 from omniframe.testing import run_stage
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("_one_thread")]
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("snac")
@@ -35,15 +35,6 @@ from omniframe_mini_omni.snac_codec import (  # noqa: E402
     save_snac,
 )
 from omniframe_mini_omni.stages import SnacCodec  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes 2 threads 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from omniframe.session import Session
 from omniframe.stage import StageContext
 from omniframe.testing import ListSource, run_frames, speech_like
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("_one_thread")]
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("whisper")
@@ -47,14 +47,6 @@ from omniframe_mini_omni.stages import (  # noqa: E402
 )
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from omniframe.session import Session
 from omniframe.stage import StageContext
 from omniframe.testing import run_stage, speech_like
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("_one_thread")]
 
 torch = pytest.importorskip("torch")
 whisper = pytest.importorskip("whisper")
@@ -35,14 +35,6 @@ from omniframe_mini_omni.whisper_encoder import (  # noqa: E402
     n_frames_for,
     random_encoder,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
