@@ -13,7 +13,6 @@ Latency definitions (all from monotonic timestamps):
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -172,7 +171,7 @@ class MetricsCollector:
     def __init__(self) -> None:
         self.turns: dict[int, TurnMetrics] = {}
         self.input_audio_s = 0.0
-        self._seen_audio: set[int] = set()
+        self._audio_maker: str | None = None  # the stage that makes the answer audio
 
     def _turn(self, n: int) -> TurnMetrics:
         t = self.turns.get(n)
@@ -196,9 +195,11 @@ class MetricsCollector:
             if kind == "lm":
                 t.text += frame.text  # type: ignore[attr-defined]
         elif cls is OutputAudioFrame:
-            # each chunk counted once, where it is made
-            if kind == "codec" or (kind != "sink" and id(frame) not in self._seen_audio):
-                self._seen_audio.add(id(frame))
+            # each chunk is counted once, at the stage that makes it: the first stage seen
+            # emitting answer audio (later stages only pass it on)
+            if self._audio_maker is None:
+                self._audio_maker = stage
+            if stage == self._audio_maker:
                 t.audio_out_s += frame.duration  # type: ignore[attr-defined]
             if kind == "sink" and t.first_audio_ts is None:
                 t.first_audio_ts = now  # left the first sink: the user hears it
@@ -254,9 +255,3 @@ def percentile(values: list[float], q: float) -> float:
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-__all__ += ["median"]

@@ -32,7 +32,6 @@ import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from omniframe.frames import (
-    AudioFrame,
     DataFrame,
     EndOfStreamFrame,
     ErrorFrame,
@@ -389,7 +388,3 @@ async def run_pipeline(stages: Iterable[Stage], **kwargs: Any) -> RunResult:
     """Shorthand: ``await run_pipeline([source, vad, ...])``."""
     return await Pipeline(list(stages), **kwargs).run()
 
-
-def input_audio_seconds(frames: Iterable[Frame]) -> float:
-    """Total duration of the input audio frames in ``frames``."""
-    return sum(f.duration for f in frames if isinstance(f, AudioFrame))

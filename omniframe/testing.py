@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 
@@ -45,8 +45,6 @@ class ListSource(Stage):
 
     class Options(StageOptions):
         interval: float = 0.0
-
-    frames_to_send: ClassVar[Sequence[Frame]] = ()
 
     def __init__(self, frames: Sequence[Frame], interval: float = 0.0,
                  context: StageContext | None = None) -> None:

@@ -27,6 +27,7 @@ def test_latencies_from_synthetic_timestamps() -> None:
                              ts=11.1)
     m.on_frame("codec", "codec", audio, 11.1)
     m.on_frame("sink", "sink", audio, 11.2)
+    m.on_frame("text", "sink", audio, 11.25)  # a second sink passes it on: not counted again
     m.on_frame("lm", "lm", EndOfTurnFrame(turn=1, ts=11.5), 11.5)
     t = m.turns[1]
     assert t.vad_wait_s == pytest.approx(0.5)
