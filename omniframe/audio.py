@@ -84,7 +84,8 @@ def read_audio(path: str | Path, sample_rate: int | None = None) -> tuple[Any, i
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError
         raise AudioError(
-            f"cannot decode {str(p)!r}: {exc}. Supported: wav, flac, ogg (libsndfile); "
+            f"cannot decode {str(p)!r}: {str(exc).rstrip('. ')}. Supported: wav, flac, ogg "
+            f"(libsndfile); "
             f"convert other formats with ffmpeg -i in.mp3 -ar 16000 out.wav"
         ) from None
     if data.shape[0] == 0:

@@ -286,9 +286,7 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
         stages.append(r.cls(r.options, ctx))
     try:
         return Pipeline(stages, buffer=cfg.buffer, observers=observers or [], collect=collect)
-    except IncompatibleStages as exc:
-        raise ConfigError([("pipeline", str(exc))], source) from None
-    except PipelineError as exc:
+    except (IncompatibleStages, PipelineError) as exc:
         raise ConfigError([("pipeline", str(exc))], source) from None
 
 

@@ -128,7 +128,11 @@ class Stage:
         yield  # pragma: no cover - makes this an async generator
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
-        """Handle one consumed frame; yield what it produces, as soon as it is ready."""
+        """Handle one consumed frame; yield what it produces, as soon as it is ready.
+
+        Data and control frames arrive one at a time, in order. Urgent frames a stage consumes
+        (e.g. a sink that shows ``ErrorFrame``) come from the urgent lane and may arrive while
+        a data frame is being processed (at one of its awaits)."""
         raise NotImplementedError(f"{type(self).__name__} consumes frames but has no process()")
         yield  # pragma: no cover
 
