@@ -28,7 +28,9 @@ thread so the event loop keeps moving frames.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
 
@@ -47,6 +49,18 @@ StageKind = Literal["source", "vad", "encoder", "lm", "codec", "sink"]
 KINDS: tuple[str, ...] = get_args(StageKind)
 
 T = TypeVar("T")
+
+_executor_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _compute_executor() -> ThreadPoolExecutor:
+    """The process-wide single compute thread of :meth:`Stage.run_compute` (made on first use)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniframe-compute")
+        return _executor
 
 
 class StageOptions(BaseModel):
@@ -156,6 +170,21 @@ class Stage:
     async def run_sync(fn: Callable[..., T], *args: Any) -> T:
         """Run blocking ``fn(*args)`` in a worker thread (model calls, file I/O)."""
         return await anyio.to_thread.run_sync(fn, *args)
+
+    async def run_compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy ``fn(*args)`` (a model call) on the process's compute thread.
+
+        On a CPU device, the compute of every stage runs on one dedicated thread, one call at
+        a time: each torch op already spreads over all cores, and calls from several threads
+        give each its own OpenMP pool, whose idle workers spin on the cores the others need
+        (an LM step beside a codec chunk ran ~1.8x slower on the 2-core dev machine, and kept
+        running slower between chunks). A short job (the first audio chunk) then waits for at
+        most the one call in flight. Other devices: as :meth:`run_sync`.
+        """
+        if not str(self.context.device).startswith("cpu"):
+            return await anyio.to_thread.run_sync(fn, *args)
+        future = _compute_executor().submit(fn, *args)
+        return await anyio.to_thread.run_sync(future.result)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

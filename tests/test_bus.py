@@ -420,3 +420,48 @@ async def test_urgent_frames_reach_a_stage_that_consumes_them() -> None:
                               [ErrorFrame(stage="x", message="disk full")])
     assert sink.errors == ["disk full"]
     assert any(isinstance(f, ErrorFrame) for f in result.frames or [])  # passed on
+
+
+async def test_run_compute_serialises_cpu_work_on_one_thread() -> None:
+    """CPU compute of several stages runs on one thread, never two calls at once; other
+    devices run in ordinary worker threads."""
+    import threading
+    import time
+
+    a = make_stage(Relay, "a")
+    b = make_stage(Relay, "b")
+    threads: set[int] = set()
+    busy = 0
+    overlap = False
+    guard = threading.Lock()
+
+    def work(x: int) -> int:
+        nonlocal busy, overlap
+        with guard:
+            busy += 1
+            overlap |= busy > 1
+            threads.add(threading.get_ident())
+        time.sleep(0.01)
+        with guard:
+            busy -= 1
+        return x * 2
+
+    results: list[int] = []
+
+    async def many(stage: Stage, start: int) -> None:
+        for i in range(start, start + 5):
+            results.append(await stage.run_compute(work, i))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(many, a, 0)
+        tg.start_soon(many, b, 100)
+    assert sorted(results) == sorted([2 * i for i in range(5)] + [2 * i for i in range(100, 105)])
+    assert not overlap and len(threads) == 1 and threading.get_ident() not in threads
+
+    (compute_thread,) = threads
+    from omniframe.session import Session
+
+    gpu = Relay({}, StageContext(name="g", session=Session(), device="cuda:0"))
+    threads.clear()
+    assert await gpu.run_compute(work, 7) == 14
+    assert threads and compute_thread not in threads  # an ordinary worker thread
