@@ -10,6 +10,7 @@ need=()
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
 command -v flite >/dev/null 2>&1 || need+=(flite)  # second TTS backend (optional)
+command -v g++ >/dev/null 2>&1 || need+=(g++)  # Mini-Omni's CPU decode kernel (optional)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need[*]} (apt-get)"

@@ -15,13 +15,19 @@
   temperature 0); the stage turns it off otherwise, because a multinomial draw on the stand-in
   would move the random stream.
 
-* **bfloat16 decode steps without oneDNN** (CPU): for one-position steps (matrix-vector
-  products) PyTorch's native bf16 kernels beat oneDNN's here (about 15-20 % more steps/s on the
-  2-core AMD EPYC dev machine; oneDNN stays on for the prefill, where it is ~8x faster).
-  oneDNN is a process-wide switch: it is turned off only while a decode step runs (reference
-  counted across threads), and ops of other threads in that window (SNAC, Whisper) run
-  PyTorch's native kernels: valid results, somewhat slower. Float rounding differs from the
-  oneDNN path, as between any two kernels.
+* **decode-step kernels** (one new position, :func:`~omniframe_mini_omni.model.decode_kernels`):
+  attention of the single query runs as two float32 matmuls instead of SDPA's flash kernel
+  (~1 ms per layer on CPU for one query), and on CPUs with AVX512-BF16 the bfloat16 linear
+  layers and heads run :mod:`~omniframe_mini_omni.kernels`' small-batch kernel, which reads
+  each weight once for both rows of a batch-parallel step (PyTorch reads it once per row).
+* **bfloat16 decode steps without oneDNN** (CPU, when that kernel is unavailable): for
+  matrix-vector products PyTorch's native bf16 kernels beat oneDNN's (about 15-20 % more
+  steps/s on the 2-core AMD EPYC dev machine; oneDNN stays on for the prefill, where it is ~8x
+  faster). oneDNN is a process-wide switch: it is turned off only while a decode step runs
+  (reference counted across threads), and ops of other threads in that window (SNAC, Whisper)
+  run PyTorch's native kernels: valid results, somewhat slower.
+
+Float rounding of the kernels differs from the reference path's, as between any two kernels.
 
 The stage calls :meth:`FastLM.text_ended` when it sees EOT. Everything else (``config``,
 ``device``, ``set_kv_cache`` ...) is forwarded to the wrapped model.
@@ -32,12 +38,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import tokens
+from . import kernels, tokens
+from .model import decode_kernels
 
 _onednn_lock = threading.Lock()
 _onednn_users = 0
@@ -68,17 +76,23 @@ class FastLM:
     Args:
         model: the GPT.
         skip_text_head: allow :meth:`text_ended` to drop the text head (greedy decoding only).
-        native_bf16_steps: run one-position bf16 steps on CPU without oneDNN (None: when the
-            model is bfloat16 on CPU).
+        native_bf16_steps: run one-position bf16 steps on CPU without oneDNN when the
+            small-batch kernel is not used (None: when the model is bfloat16 on CPU).
+        step_kernels: use the decode-step kernels (one-query matmul attention; the small-batch
+            bf16 linear kernel where it builds and the CPU has AVX512-BF16).
     """
 
     def __init__(self, model: Any, *, skip_text_head: bool = True,
-                 native_bf16_steps: bool | None = None) -> None:
+                 native_bf16_steps: bool | None = None, step_kernels: bool = True) -> None:
         self.model = model
         self.skip_text_head = skip_text_head
+        bf16_cpu = model.dtype == torch.bfloat16 and torch.device(model.device).type == "cpu"
+        self.step_kernels = step_kernels
+        ext = kernels.load() if step_kernels and bf16_cpu else None
+        self.kernel = ext is not None  # the small-batch bf16 kernel runs the linear layers
+        self._linear = partial(kernels.small_linear, ext)
         if native_bf16_steps is None:
-            native_bf16_steps = (model.dtype == torch.bfloat16
-                                 and torch.device(model.device).type == "cpu")
+            native_bf16_steps = bf16_cpu and not self.kernel
         self.native_bf16_steps = native_bf16_steps
         self._text_done = False
         self._pad_logits: dict[tuple[int, int, torch.dtype], Tensor] = {}
@@ -111,12 +125,28 @@ class FastLM:
                                         audio_head_rows, text_head_rows)
         if not (T == 1 and start > 0):
             self.prefill_positions = B * T
-        elif self.native_bf16_steps:
-            with onednn_off():
-                return self._step(input_ids, input_pos, whisper_features, whisper_lens,
-                                  audio_rows, last_only, audio_head_rows, text_head_rows)
-        return self._step(input_ids, input_pos, whisper_features, whisper_lens, audio_rows,
-                          last_only, audio_head_rows, text_head_rows)
+            return self._step(input_ids, input_pos, whisper_features, whisper_lens,
+                              audio_rows, last_only, audio_head_rows, text_head_rows)
+        with self.decode_step():
+            return self._step(input_ids, input_pos, whisper_features, whisper_lens,
+                              audio_rows, last_only, audio_head_rows, text_head_rows)
+
+    @contextmanager
+    def decode_step(self) -> Iterator[None]:
+        """The context one-position steps run in (kernels, oneDNN switch)."""
+        if not self.step_kernels:
+            if self.native_bf16_steps:
+                with onednn_off():
+                    yield
+            else:
+                yield
+            return
+        with decode_kernels(self._linear):
+            if self.native_bf16_steps:
+                with onednn_off():
+                    yield
+            else:
+                yield
 
     def _step(self, input_ids: Tensor, input_pos: int | Tensor | None,
               whisper_features: Tensor | None, whisper_lens: Sequence[int] | Tensor | None,
@@ -162,8 +192,9 @@ class FastLM:
             cache.k[1, :, : T - 1] = cache.k[0, :, : T - 1]
             cache.v[1, :, : T - 1] = cache.v[0, :, : T - 1]
         self.prefill_positions = T - 1 + 2
-        return m(ids[:, :, T - 1 :], T - 1, last_only=True, audio_head_rows=audio_head_rows,
-                 text_head_rows=text_head_rows)
+        with self.decode_step():
+            return m(ids[:, :, T - 1 :], T - 1, last_only=True, audio_head_rows=audio_head_rows,
+                     text_head_rows=text_head_rows)
 
     def _pad_row(self, rows: int, t: int, device: torch.device) -> Tensor:
         key = (rows, t, torch.float32)

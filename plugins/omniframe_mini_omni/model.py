@@ -14,7 +14,9 @@ hs = head_size, V = padded vocab.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,46 @@ from torch import Tensor, nn
 
 from . import tokens
 from .config import Config
+
+# Decode-step kernels (fastpath.FastLM): while set, linear layers and heads call this function
+# (x, weight, bias) -> y instead of F.linear, and attention of one new position runs as two
+# float32 matmuls instead of SDPA. Unset (the default, and the faithful mode): reference math.
+LinearFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+_decode_linear: ContextVar[LinearFn | None] = ContextVar("mini_omni_decode_linear", default=None)
+
+
+@contextmanager
+def decode_kernels(linear: LinearFn) -> Iterator[None]:
+    """Use ``linear`` for the linear layers (and matmul attention) within this context."""
+    token = _decode_linear.set(linear)
+    try:
+        yield
+    finally:
+        _decode_linear.reset(token)
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    fn = _decode_linear.get()
+    return layer(x) if fn is None else fn(x, layer.weight, layer.bias)
+
+
+def _head(x: Tensor, weight: Tensor) -> Tensor:
+    fn = _decode_linear.get()
+    return F.linear(x, weight) if fn is None else fn(x, weight, None)
+
+
+def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Attention of one new position: q (B, nh, 1, hs), k/v (B, G, S, hs) -> (B, nh, 1, hs).
+
+    Grouped-query attention as two float32 matmuls: SDPA's flash kernel for one query costs
+    ~1 ms per layer on CPU, this a few tens of microseconds. Same math, float32 throughout.
+    """
+    B, nh, _, hs = q.shape
+    G = k.size(1)
+    qg = q.reshape(B, G, nh // G, hs).float()  # query head h = g * q_per_kv + s
+    att = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, G, q_per_kv, S)
+    y = torch.matmul(att.softmax(dim=-1), v.float())  # (B, G, q_per_kv, hs)
+    return y.to(q.dtype).reshape(B, nh, 1, hs)
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         G, q_per_kv, hs = self.n_query_groups, self.q_per_kv, self.head_size
-        qkv = self.attn(x)  # (B, T, G * (q_per_kv + 2) * hs)
+        qkv = _linear(self.attn, x)  # (B, T, G * (q_per_kv + 2) * hs)
         qkv = qkv.view(B, T, G, q_per_kv + 2, hs).permute(0, 2, 3, 1, 4)  # (B, G, q+2, T, hs)
         q = qkv[:, :, :q_per_kv].reshape(B, self.n_head, T, hs)  # (B, nh, T, hs)
         k = qkv[:, :, q_per_kv]  # (B, G, T, hs)
@@ -150,17 +192,20 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k, cos, sin)
         if use_cache and self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, G, S, hs), S = start + T
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1 and k.size(2) == T,
-            scale=1.0 / math.sqrt(hs),
-            enable_gqa=self.n_head != G,
-        )  # (B, nh, T, hs)
+        if T == 1 and mask is None and _decode_linear.get() is not None:
+            y = _one_query_attention(q, k, v, 1.0 / math.sqrt(hs))
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1 and k.size(2) == T,
+                scale=1.0 / math.sqrt(hs),
+                enable_gqa=self.n_head != G,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)
-        return self.proj(y)
+        return _linear(self.proj, y)
 
 
 class SwiGLUMLP(nn.Module):
@@ -177,7 +222,7 @@ class SwiGLUMLP(nn.Module):
         self.proj = nn.Linear(hidden_dim, out_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+        return _linear(self.proj, F.silu(_linear(self.fc_1, x)) * _linear(self.fc_2, x))
 
 
 class Block(nn.Module):
@@ -404,13 +449,13 @@ class GPT(nn.Module):
 
     def text_logits(self, hidden: Tensor) -> Tensor:
         """Text head: hidden (..., C) -> (..., 152000) (columns 0..151999 of lm_head)."""
-        return F.linear(hidden, self.lm_head.weight[: tokens.TEXT_VOCAB_SIZE])
+        return _head(hidden, self.lm_head.weight[: tokens.TEXT_VOCAB_SIZE])
 
     def audio_logits(self, hidden: Tensor) -> Tensor:
         """7 audio heads in one matmul: hidden (..., C) -> (..., 7, 4160) local-id logits."""
         lo = tokens.TEXT_VOCAB_SIZE
         hi = lo + tokens.N_AUDIO_LAYERS * tokens.AUDIO_VOCAB_SIZE
-        logits = F.linear(hidden, self.lm_head.weight[lo:hi])
+        logits = _head(hidden, self.lm_head.weight[lo:hi])
         return logits.unflatten(-1, (tokens.N_AUDIO_LAYERS, tokens.AUDIO_VOCAB_SIZE))
 
     def forward(
