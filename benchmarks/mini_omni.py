@@ -10,12 +10,19 @@ encoder + SNAC) needs. One decode step is one batch-parallel A1A2 step (2 rows) 
 answer audio; real time needs 11.72 steps/s.
 
 "fast" is the LM stage's default path (``faithful: false``): last-position logits only, only
-the head rows that are read, shared-prefix prefill, bf16 decode steps on PyTorch's native
-kernels instead of oneDNN (fastpath.py). "faithful" computes like the
-reference. The two give the same greedy tokens. Options that change results relative to the
-reference: ``encoder.trim`` (Whisper without the 30 s padding), ``dtype: bfloat16`` (LM and
-encoder), and the
-codec's ``context_frames``/``lookahead_frames``/``deterministic``/``decode_tail``.
+the head rows that are read, shared-prefix prefill, one-query attention as two matmuls, and on
+AVX512-BF16 CPUs the small-batch bf16 kernel (kernels.py) for every linear layer of a decode
+step (fastpath.py). "fast_torch" is the same without that kernel (PyTorch's native bf16
+kernels, oneDNN off for the step). "faithful" computes like the reference. They give the same
+greedy tokens up to float rounding.
+
+first_audio_s: a question whose speech ended at the moment the source emits it, in a running
+pipeline (stages set up), to the first answer sample out of the SNAC stage.
+
+Options that change results relative to the reference: ``encoder.trim`` (Whisper without the
+30 s padding), ``dtype: bfloat16`` (LM and encoder), and the codec's ``context_frames``,
+``lookahead_frames``, ``deterministic`` and ``decode_tail``. Float rounding only: the LM's
+fast path and the codec's ``fast``.
 
 The machine may be shared: the load average before and after each part is printed; numbers
 taken under load are lower bounds. The last line is one JSON object.
@@ -152,15 +159,16 @@ def child(dtype: str, threads: int, steps: int) -> dict[str, Any]:
         n = sum(1 for _ in s)  # the real loop (sampling, Python), for reference
         out["decode_stream_steps_per_s"] = round(n / (time.perf_counter() - t), 2)
         fast_lm = FastLM(model)
+        out["decode_kernel"] = fast_lm.kernel
         after_text = FastLM(model)
         after_text.text_ended()
-        onednn = FastLM(model, native_bf16_steps=False)
+        torch_kernels = FastLM(model, step_kernels=False)
         fast_kw = {"last_only": True, "audio_head_rows": [0], "text_head_rows": [1]}
         variants: dict[str, Any] = {
             "fast": lambda x, p: fast_lm(x, p, **fast_kw),
             "faithful": lambda x, p: model(x, p, last_only=True),  # both heads, both rows
             "fast_no_text_head": lambda x, p: after_text(x, p, **fast_kw),
-            "fast_onednn": lambda x, p: onednn(x, p, **fast_kw),
+            "fast_torch": lambda x, p: torch_kernels(x, p, **fast_kw),
         }
         model.set_kv_cache(2, model.config.block_size)
         x = torch.tensor([[[tokens.layershift(100 + i, i)] for i in range(7)] + [[1000]]] * 2)
@@ -183,22 +191,38 @@ def child(dtype: str, threads: int, steps: int) -> dict[str, Any]:
     firsts: list[float] = []
 
     class FirstAudio:
+        """Time of the first answer sample, and of the first frame of each kind on the way."""
+
         def __init__(self) -> None:
             self.t: float | None = None
+            self.marks: dict[str, float] = {}
 
         def on_frame(self, stage: str, kind: str, frame: Any, now: float) -> None:
+            self.marks.setdefault(f"{stage}:{type(frame).__name__}", now)
             if self.t is None and kind == "codec" and isinstance(frame, OutputAudioFrame):
                 self.t = now
 
-    for _ in range(2):
+    class Question(ListSource):
+        """Emits the question once the pipeline runs, stamped as ending at that moment."""
+
+        async def generate(self) -> Any:
+            await anyio.sleep(0.3)  # stages are set up and waiting
+            self.sent = UserTurnFrame(samples=audio, sample_rate=16000, turn=1,
+                                      speech_end_ts=time.monotonic())
+            yield self.sent
+
+    parts: list[dict[str, float]] = []
+    for _ in range(3):
         obs = FirstAudio()
-        turn = UserTurnFrame(samples=audio, sample_rate=16000, turn=1,
-                             speech_end_ts=time.monotonic())
-        src = ListSource([turn], context=ctx("source"))
+        src = Question([], context=ctx("source"))
         anyio.run(Pipeline([src, enc, lm, codec], observers=[obs]).run)
         assert obs.t is not None, "no audio came out"
-        firsts.append(obs.t - turn.speech_end_ts)
-    out["first_audio_s"] = round(min(firsts), 3)
+        firsts.append(obs.t - src.sent.speech_end_ts)
+        parts.append({k: round(v - src.sent.speech_end_ts, 3) for k, v in obs.marks.items()})
+    best = min(range(len(firsts)), key=firsts.__getitem__)
+    out["first_audio_s"] = round(firsts[best], 3)
+    out["first_audio_median_s"] = round(statistics.median(firsts), 3)
+    out["first_audio_parts"] = parts[best]
     out["first_audio_config"] = (
         "whisper trim bf16, LM fast bf16, SNAC 1 frame/chunk" if fast else
         "as released: whisper 30 s padding, LM faithful fp32, SNAC 4 frames/chunk")
@@ -237,15 +261,18 @@ def main() -> None:
     print(f"Mini-Omni random weights, released sizes; {device}; torch threads {args.threads}")
     keys = ["load_start", "setup_s", "whisper_trim_s", "whisper_faithful_s", "prefill_fast_s",
             "prefill_faithful_s", "decode_stream_steps_per_s", "load_decode"]
+    keys += ["decode_kernel"]
     keys += [f"decode_{v}{b}_steps_per_s" for v in ("fast", "faithful", "fast_no_text_head",
-                                                    "fast_onednn") for b in ("", "_best")]
-    keys += ["first_audio_s", "peak_rss_gb", "load_end", "wall_s"]
+                                                    "fast_torch") for b in ("", "_best")]
+    keys += ["first_audio_s", "first_audio_median_s", "peak_rss_gb", "load_end", "wall_s"]
     cols = list(results)
     print(f"{'':40s}" + "".join(f"{c:>12s}" for c in cols))
     for k in keys:
         print(f"{k:40s}" + "".join(f"{results[c].get(k, '-')!s:>12s}" for c in cols))
     for c in cols:
         print(f"first audio ({c}): {results[c]['first_audio_config']}")
+        print("  first frame of each kind, s after the question ended: " + ", ".join(
+            f"{k} {v}" for k, v in results[c]["first_audio_parts"].items()))
 
     fp32 = results.get("float32", {})
     bf16 = results.get("bfloat16", {})
@@ -264,7 +291,8 @@ def main() -> None:
             "decode_fast_no_text_head_steps_per_s"),
         "decode_steps_per_s_bf16_after_text_end_best": bf16.get(
             "decode_fast_no_text_head_best_steps_per_s"),
-        "decode_steps_per_s_bf16_with_onednn": bf16.get("decode_fast_onednn_steps_per_s"),
+        "decode_steps_per_s_bf16_torch_kernels": bf16.get("decode_fast_torch_steps_per_s"),
+        "decode_kernel": bf16.get("decode_kernel"),
         "realtime_steps_per_s": round(1 / STEP_AUDIO_S, 2),
         "prefill_s_5s_question": best.get("prefill_fast_s"),
         "whisper_encoder_s_5s_question": best.get("whisper_trim_s"),
@@ -276,6 +304,9 @@ def main() -> None:
                                               fp32.get("decode_faithful_steps_per_s")),
         "fast_vs_faithful_decode_bf16": ratio(bf16.get("decode_fast_steps_per_s"),
                                               bf16.get("decode_faithful_steps_per_s")),
+        "kernel_vs_torch_decode_bf16": ratio(bf16.get("decode_fast_steps_per_s"),
+                                             bf16.get("decode_fast_torch_steps_per_s")),
+        "first_audio_s_median": best.get("first_audio_median_s"),
         "fast_vs_faithful_prefill_bf16": ratio(bf16.get("prefill_faithful_s"),
                                                bf16.get("prefill_fast_s")),
         "trim_vs_faithful_whisper_fp32": ratio(fp32.get("whisper_faithful_s"),
@@ -289,6 +320,7 @@ def main() -> None:
         "changes_results_vs_reference": ["encoder.trim", "lm.dtype=bfloat16",
                                          "codec.context_frames/lookahead_frames",
                                          "codec.deterministic", "codec.decode_tail"],
+        "float_rounding_only_vs_reference": ["lm.faithful=false", "codec.fast"],
     }
     print(json.dumps(summary))
 
