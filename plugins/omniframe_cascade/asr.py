@@ -135,8 +135,9 @@ class WhisperASR(Stage):
         else:
             spec = await self.run_sync(resolve_openai_whisper, o.model)
             key = ("openai-whisper", spec, str(self.context.device))
-            self._model = await self._resources().aget(
-                key, lambda: _load_openai_whisper(spec, str(self.context.device)))
+            self._model = await self.run_compute(
+                self._resources().get, key,
+                lambda: _load_openai_whisper(spec, str(self.context.device)))
             self._english_only = not self._model.is_multilingual
         if self._english_only and o.language not in (None, "en"):
             self.log.warning("model is English-only; ignoring language", language=o.language)
@@ -153,9 +154,9 @@ class WhisperASR(Stage):
         if rms < self.options.min_rms:
             result = ASRResult("", [])
         elif self.options.backend == "faster-whisper":
-            result = await self.run_sync(self._transcribe_fw, samples)
+            result = await self.run_compute(self._transcribe_fw, samples)
         else:
-            result = await self.run_sync(self._transcribe_openai, samples)
+            result = await self.run_compute(self._transcribe_openai, samples)
         elapsed = time.perf_counter() - t0
         text = result.text.strip()
         if not text or is_non_speech(text):

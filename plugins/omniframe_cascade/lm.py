@@ -262,8 +262,10 @@ class TransformersLM(Stage):
         device = str(self.context.device)
         key = ("transformers-lm", str(folder), gguf, str(tok_src), o.dtype, device)
         cache = _cache_root(o.cache_dir) if o.convert_cache and gguf and not tok_src else None
-        self.lm = await resources.aget(
-            key, lambda: _load_lm(folder, gguf, tok_src, o.dtype, device, o.model, cache))
+        # torch work on the compute thread (Stage.run_compute): one OpenMP pool per process
+        self.lm = await self.run_compute(
+            resources.get, key,
+            lambda: _load_lm(folder, gguf, tok_src, o.dtype, device, o.model, cache))
         if o.threads:
             import torch
 
@@ -303,7 +305,7 @@ class TransformersLM(Stage):
         first: float | None = None
         try:
             for _ in range(o.max_new_tokens):
-                token, new = await self.run_sync(dec.step)
+                token, new = await self.run_compute(dec.step)
                 if self._active is None or self._active[1] is not msg:
                     return  # a barge-in closed this answer (see interrupt) during the step
                 if token is None:
