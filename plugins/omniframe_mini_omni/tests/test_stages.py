@@ -435,3 +435,34 @@ def test_onednn_switch_is_reference_counted():
     release.set()
     t.join()
     assert torch.backends.mkldnn.enabled  # restored by the last user
+
+
+async def test_first_audio_chunk_is_decoded_before_the_next_lm_step(resources, monkeypatch):
+    """All model calls share one compute thread; the first SNAC chunk of a turn is queued
+    before the LM's next step, so the first audio does not wait for that step."""
+    import threading
+
+    import omniframe_mini_omni.stages as stages_mod
+    from omniframe_mini_omni.snac_codec import ChunkedDecoder
+
+    calls: list[tuple[str, int]] = []
+    next_step = stages_mod._next_step
+    decode_range = ChunkedDecoder.decode_range
+
+    def step(stream):
+        calls.append(("lm", threading.get_ident()))
+        return next_step(stream)
+
+    def decode(self, *args, **kwargs):
+        calls.append(("snac", threading.get_ident()))
+        return decode_range(self, *args, **kwargs)
+
+    monkeypatch.setattr(stages_mod, "_next_step", step)
+    monkeypatch.setattr(ChunkedDecoder, "decode_range", decode)
+    stages = chain(resources, lm={"max_new_tokens": 12}, codec={"first_chunk_frames": 1})
+    result = await run_frames(stages, [user_turn()], timeout=120)
+    assert any(isinstance(f, OutputAudioFrame) for f in result.frames)
+    kinds = [k for k, _ in calls]
+    # step calls: 1 prefill + 7 steps until frame 0 exists, then its chunk goes first
+    assert kinds[:9] == ["lm"] * 8 + ["snac"], kinds
+    assert len({t for _, t in calls}) == 1 and threading.get_ident() not in {t for _, t in calls}
