@@ -22,8 +22,9 @@ the frame being processed unless they set one. Sources implement :meth:`Stage.ge
 instead. An :class:`~omniframe.frames.InterruptFrame` cancels the ``process`` call in flight
 (when it belongs to an older turn) and then calls :meth:`Stage.interrupt`.
 
-Blocking work (model calls) goes through :meth:`Stage.run_sync`, which runs it in a worker
-thread so the event loop keeps moving frames.
+Blocking work goes through :meth:`Stage.run_sync` (a worker thread, so the event loop keeps
+moving frames); CPU-heavy model calls through :meth:`Stage.run_compute` (the process's one
+compute thread on CPU devices).
 """
 
 from __future__ import annotations
