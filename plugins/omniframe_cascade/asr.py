@@ -20,6 +20,7 @@ downstream answers it.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -101,7 +102,7 @@ class WhisperASR(Stage):
         compute_type: str | None = Field(
             None, description="faster-whisper: int8, float16, float32 ...; None: int8 on CPU, "
                               "float16 on CUDA")
-        threads: int = Field(0, ge=0, description="CPU threads; 0 lets the backend decide")
+        threads: int = Field(0, ge=0, description="CPU threads; 0: one per CPU core")
         min_rms: float = Field(
             1e-4, ge=0.0, description="a turn quieter than this (RMS) is silence: skipped")
 
@@ -288,6 +289,12 @@ def _load_faster_whisper(path: Path | str, device: str, compute: str, threads: i
         raise ModelNotAvailable(
             "the faster-whisper backend needs faster-whisper: pip install 'omniframe[cascade]'"
         ) from exc
+    if threads == 0 and device == "cpu":
+        # CTranslate2's own default is 4 threads of its own OpenMP runtime: on a 2-core machine
+        # they oversubscribe the cores and keep spinning after each call, which slowed the
+        # next model in the process (a Mini-Omni decode step) by ~25 %.
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
     model = WhisperModel(str(path), device=device, compute_type=compute, cpu_threads=threads,
                          local_files_only=True)
     # one pass over a second of quiet noise: the first real turn then runs at full speed
