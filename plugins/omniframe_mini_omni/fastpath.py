@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -134,19 +134,12 @@ class FastLM:
     @contextmanager
     def decode_step(self) -> Iterator[None]:
         """The context one-position steps run in (kernels, oneDNN switch)."""
-        if not self.step_kernels:
+        with ExitStack() as stack:
+            if self.step_kernels:
+                stack.enter_context(decode_kernels(self._linear))
             if self.native_bf16_steps:
-                with onednn_off():
-                    yield
-            else:
-                yield
-            return
-        with decode_kernels(self._linear):
-            if self.native_bf16_steps:
-                with onednn_off():
-                    yield
-            else:
-                yield
+                stack.enter_context(onednn_off())
+            yield
 
     def _step(self, input_ids: Tensor, input_pos: int | Tensor | None,
               whisper_features: Tensor | None, whisper_lens: Sequence[int] | Tensor | None,
