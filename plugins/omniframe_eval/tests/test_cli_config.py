@@ -30,7 +30,7 @@ def test_shipped_eval_configs_are_valid() -> None:
         cfg = load_eval_config(path)
         assert cfg.pipelines, path
     ab = load_eval_config(CONFIGS / "ab.yaml")
-    assert [p.name for p in ab.pipelines] == ["cascade", "mini-omni", "mini-omni-fast"]
+    assert [p.name for p in ab.pipelines] == ["mini-omni", "mini-omni-fast", "cascade"]
     assert ab.mode == "realtime" and ab.dataset.name == "spoken_qa"
     mo = ab.pipelines[1]
     assert mo.fallback is not None
