@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import threading
 import time
 from pathlib import Path
@@ -58,10 +59,12 @@ def unavailable_reason() -> str | None:
 def _build() -> tuple[Any | None, str | None]:
     if os.environ.get("OMNIFRAME_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "OMNIFRAME_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"not an x86-64 CPU ({platform.machine()})"
     if not hasattr(torch.backends.cpu, "get_cpu_capability"):
         return None, "this PyTorch cannot report CPU capabilities"
     # the kernel needs AVX512-BF16; torch reports AVX512 at best, the extension checks BF16
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} (need AVX512-BF16)"
     try:
         from torch.utils import cpp_extension
