@@ -187,6 +187,17 @@ class Stage:
         future = _compute_executor().submit(fn, *args)
         return await anyio.to_thread.run_sync(future.result)
 
+    async def shared_model(self, key: Any, loader: Callable[[], T]) -> T:
+        """``loader()``'s result from the process-wide model cache (``context.resources``),
+        loaded on the compute thread (:meth:`run_compute`) the first time ``key`` is asked
+        for, so that loading and warm-up run on the same thread as inference."""
+        resources = self.context.resources
+        if resources is None:
+            from omniframe.resources import default_resources
+
+            resources = default_resources()
+        return await self.run_compute(resources.get, key, loader)
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """A JSON-ready description: kind, name, consumes, produces, options schema."""

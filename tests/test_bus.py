@@ -465,3 +465,24 @@ async def test_run_compute_serialises_cpu_work_on_one_thread() -> None:
     threads.clear()
     assert await gpu.run_compute(work, 7) == 14
     assert threads and compute_thread not in threads  # an ordinary worker thread
+
+
+async def test_shared_model_loads_once_on_the_compute_thread() -> None:
+    import threading
+
+    from omniframe.resources import Resources
+    from omniframe.session import Session
+
+    resources = Resources()
+    loads: list[int] = []
+
+    def loader() -> object:
+        loads.append(threading.get_ident())
+        return object()
+
+    a = Relay({}, StageContext(name="a", session=Session(), resources=resources))
+    b = Relay({}, StageContext(name="b", session=Session(), resources=resources))
+    m1 = await a.shared_model(("model", 1), loader)
+    m2 = await b.shared_model(("model", 1), loader)
+    compute = await a.run_compute(threading.get_ident)
+    assert m1 is m2 and loads == [compute]

@@ -136,9 +136,8 @@ class WhisperASR(Stage):
         else:
             spec = await self.run_sync(resolve_openai_whisper, o.model)
             key = ("openai-whisper", spec, str(self.context.device))
-            self._model = await self.run_compute(
-                self._resources().get, key,
-                lambda: _load_openai_whisper(spec, str(self.context.device)))
+            self._model = await self.shared_model(
+                key, lambda: _load_openai_whisper(spec, str(self.context.device)))
             self._english_only = not self._model.is_multilingual
         if self._english_only and o.language not in (None, "en"):
             self.log.warning("model is English-only; ignoring language", language=o.language)

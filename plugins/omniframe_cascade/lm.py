@@ -252,20 +252,13 @@ class TransformersLM(Stage):
 
     async def setup(self) -> None:
         o = self.options
-        resources = self.context.resources
-        if resources is None:
-            from omniframe.resources import default_resources
-
-            resources = self.context.resources = default_resources()
         folder, gguf = await self.run_sync(resolve_lm, o.model, o.gguf_file)
         tok_src = (await self.run_sync(resolve_lm, o.tokenizer, None)) if o.tokenizer else None
         device = str(self.context.device)
         key = ("transformers-lm", str(folder), gguf, str(tok_src), o.dtype, device)
         cache = _cache_root(o.cache_dir) if o.convert_cache and gguf and not tok_src else None
-        # torch work on the compute thread (Stage.run_compute): one OpenMP pool per process
-        self.lm = await self.run_compute(
-            resources.get, key,
-            lambda: _load_lm(folder, gguf, tok_src, o.dtype, device, o.model, cache))
+        self.lm = await self.shared_model(  # on the compute thread, like the decode steps
+            key, lambda: _load_lm(folder, gguf, tok_src, o.dtype, device, o.model, cache))
         if o.threads:
             import torch
 

@@ -38,28 +38,12 @@ from omniframe.frames import (
     TranscriptFrame,
     UserTurnFrame,
 )
-from omniframe.resources import default_resources
 from omniframe.stage import Stage, StageOptions
 
 __all__ = ["MiniOmniLM", "SnacCodec", "WhisperEncoderStage"]
 
 Dtype = Literal["float32", "bfloat16"]
 Task = Literal["A1A2", "A1T2", "ASR", "T1A2", "T1T2"]
-
-
-def _resources(stage: Stage) -> Any:
-    return stage.context.resources if stage.context.resources is not None else default_resources()
-
-
-async def _shared_model(stage: Stage, key: tuple[Any, ...], loader: Callable[[], Any]) -> Any:
-    """A model from the process-wide cache, loaded on the compute thread.
-
-    All torch work of these stages (loading, warm-up, inference) runs on the one compute
-    thread of :meth:`Stage.run_compute`: torch ops on a second thread give it its own OpenMP
-    pool, and with more pool threads than cores libgomp stops spinning between ops for good,
-    which made every later decode step ~25 % slower on the 2-core dev machine.
-    """
-    return await stage.run_compute(_resources(stage).get, key, loader)
 
 
 # ====================================================================================== encoder
@@ -98,9 +82,9 @@ class WhisperEncoderStage(Stage):
         device = self.context.device
         key = ("mini-omni/whisper", o.model, o.dtype, device,
                o.seed if o.model.startswith("random://") else None)
-        self.encoder = await _shared_model(
-            self, key, lambda: load_whisper_encoder(o.model, device=device, dtype=o.dtype,
-                                                    seed=o.seed, download_root=o.download_root))
+        self.encoder = await self.shared_model(
+            key, lambda: load_whisper_encoder(o.model, device=device, dtype=o.dtype,
+                                              seed=o.seed, download_root=o.download_root))
         self.log.info("whisper encoder ready", encoder=self.encoder.name, trim=o.trim)
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
@@ -169,9 +153,9 @@ class SnacCodec(Stage):
         device = self.context.device
         key = ("mini-omni/snac", o.model, device, o.deterministic, o.fast,
                o.seed if o.model.startswith("random://") else None)
-        self.model = await _shared_model(
-            self, key, lambda: load_snac(o.model, device=device, deterministic=o.deterministic,
-                                         seed=o.seed, fast=o.fast))
+        self.model = await self.shared_model(
+            key, lambda: load_snac(o.model, device=device, deterministic=o.deterministic,
+                                   seed=o.seed, fast=o.fast))
         self._turn: int | None = None
         self._decoder: Any = None
         self.dropped_frames = 0
@@ -447,8 +431,8 @@ class MiniOmniLM(Stage):
         seed = o.seed if o.seed is not None else 0
         key = ("mini-omni/lm", o.model, o.dtype, device,
                seed if o.model.startswith("random://") else None)
-        self.lm: _Loaded = await _shared_model(
-            self, key, lambda: _load_lm(o.model, o.dtype, device, seed))
+        self.lm: _Loaded = await self.shared_model(
+            key, lambda: _load_lm(o.model, o.dtype, device, seed))
         self.tokenizer = self.lm.tokenizer
         if o.tokenizer is not None:
             from omniframe_mini_omni.tokenizer import TextTokenizer
