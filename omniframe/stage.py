@@ -24,17 +24,21 @@ instead. An :class:`~omniframe.frames.InterruptFrame` cancels the ``process`` ca
 
 Blocking work goes through :meth:`Stage.run_sync` (a worker thread, so the event loop keeps
 moving frames); CPU-heavy model calls through :meth:`Stage.run_compute` (the process's one
-compute thread on CPU devices).
+compute thread on CPU devices). Both are safe to cancel: a job either never starts or runs to
+its end before the cancelled caller goes on (so its ``finally`` never overlaps the job).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
 
+import anyio.lowlevel
 import anyio.to_thread
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -51,8 +55,14 @@ KINDS: tuple[str, ...] = get_args(StageKind)
 
 T = TypeVar("T")
 
+log = structlog.get_logger("omniframe.stage")
+
+ABANDON_AFTER_S = 10.0
+"""How long a cancelled caller waits for its job still in flight before giving up on it."""
+
 _executor_lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+_io_executor: ThreadPoolExecutor | None = None
 
 
 def _compute_executor() -> ThreadPoolExecutor:
@@ -62,6 +72,49 @@ def _compute_executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniframe-compute")
         return _executor
+
+
+def _blocking_executor() -> ThreadPoolExecutor:
+    """Worker threads of :meth:`Stage.run_sync` (file I/O, model calls off the CPU)."""
+    global _io_executor
+    with _executor_lock:
+        if _io_executor is None:
+            _io_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="omniframe-io")
+        return _io_executor
+
+
+async def _done(future: Future[Any]) -> None:
+    """Wait until ``future`` is done, cancellably, without cancelling it."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # another backend (trio): a worker thread waits for us
+        await anyio.to_thread.run_sync(wait, [future], abandon_on_cancel=True)
+        return
+    if not future.done():
+        # shield() keeps our cancellation from reaching the job (handled by the caller)
+        await asyncio.shield(asyncio.wrap_future(future, loop=loop))
+
+
+async def _await_job(future: Future[T]) -> T:
+    """Wait for a job running in a thread pool; safe to cancel by construction.
+
+    A caller cancelled before its job started cancels the job: it never runs. A caller
+    cancelled while its job runs waits, shielded, for the job to end and only then sees the
+    cancellation, so its clean-up (``finally``) never overlaps the job. A job still running
+    after :data:`ABANDON_AFTER_S` is abandoned with an error in the log: a stuck thread cannot
+    be stopped (the pipeline's watchdog names the stage).
+    """
+    try:
+        await _done(future)
+    except anyio.get_cancelled_exc_class():
+        if not future.cancel():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(ABANDON_AFTER_S):
+                await _done(future)
+            if not future.done():
+                log.error("a cancelled job is still running in its thread; abandoned",
+                          after_s=ABANDON_AFTER_S)
+        raise
+    return future.result()
 
 
 class StageOptions(BaseModel):
@@ -95,7 +148,11 @@ class Stage:
         kind: one of ``source, vad, encoder, lm, codec, sink``.
         name: the name configs use to pick it (``plugin:`` in YAML), unique within its kind.
         Options: a :class:`StageOptions` subclass.
-        consumes: frame types :meth:`process` handles (any one of them satisfies the stage).
+        consumes: frame types :meth:`process` handles.
+        requires: the consumed types that are its main input: the chain check wants at least
+            one of them produced upstream. ``None`` (default): ``consumes`` without control and
+            system frames (end of turn, end of stream, interrupt, ...) and generic bases;
+            ``()``: needs nothing. :meth:`required_inputs` refines it per instance.
         produces: frame types it may emit.
         input_option / output_option: the option that ``--input`` / ``--output`` set.
         output_suffixes: file suffixes this sink writes, to route ``--output``.
@@ -107,6 +164,7 @@ class Stage:
     name: ClassVar[str]
     Options: ClassVar[type[StageOptions]] = StageOptions
     consumes: ClassVar[tuple[type[Frame], ...]] = ()
+    requires: ClassVar[tuple[type[Frame], ...] | None] = None
     produces: ClassVar[tuple[type[Frame], ...]] = ()
     forward_consumed: ClassVar[bool] = False
     input_option: ClassVar[str | None] = None
@@ -131,6 +189,19 @@ class Stage:
             context = StageContext(name=self.name, session=Session())
         self.context = context
         self.log = structlog.get_logger(f"omniframe.{self.kind}").bind(stage=context.name)
+
+    def required_inputs(self) -> tuple[type[Frame], ...]:
+        """The frame types of which at least one must reach this stage, for its options (the
+        chain check's question). Default: ``requires``, or else ``consumes`` without control,
+        system and generic frame types. Override when the options decide, e.g. a model whose
+        task reads text or audio."""
+        if self.requires is not None:
+            return self.requires
+        from omniframe.frames import ControlFrame, DataFrame, SystemFrame
+
+        generic = (Frame, DataFrame, ControlFrame, SystemFrame)
+        return tuple(t for t in self.consumes
+                     if t not in generic and not issubclass(t, (ControlFrame, SystemFrame)))
 
     # ------------------------------------------------------------------ lifecycle (override)
 
@@ -170,7 +241,9 @@ class Stage:
     @staticmethod
     async def run_sync(fn: Callable[..., T], *args: Any) -> T:
         """Run blocking ``fn(*args)`` in a worker thread (model calls, file I/O)."""
-        return await anyio.to_thread.run_sync(fn, *args)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        ctx = contextvars.copy_context()  # as anyio.to_thread does
+        return await _await_job(_blocking_executor().submit(ctx.run, fn, *args))
 
     async def run_compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-heavy ``fn(*args)`` (a model call) on the process's compute thread.
@@ -183,9 +256,9 @@ class Stage:
         most the one call in flight. Other devices: as :meth:`run_sync`.
         """
         if not str(self.context.device).startswith("cpu"):
-            return await anyio.to_thread.run_sync(fn, *args)
-        future = _compute_executor().submit(fn, *args)
-        return await anyio.to_thread.run_sync(future.result)
+            return await self.run_sync(fn, *args)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return await _await_job(_compute_executor().submit(fn, *args))
 
     async def shared_model(self, key: Any, loader: Callable[[], T]) -> T:
         """``loader()``'s result from the process-wide model cache (``context.resources``),

@@ -61,6 +61,7 @@ class WhisperEncoderStage(Stage):
     kind = "encoder"
     name = "whisper"
     consumes = (UserTurnFrame,)
+    requires = (UserTurnFrame,)
     produces = (FeaturesFrame, EndOfTurnFrame, ErrorFrame)
 
     class Options(StageOptions):
@@ -121,6 +122,7 @@ class SnacCodec(Stage):
     kind = "codec"
     name = "snac"
     consumes = (AudioCodesFrame, EndOfTurnFrame)
+    requires = (AudioCodesFrame,)  # an end of turn alone is no input
     produces = (OutputAudioFrame, EndOfTurnFrame)
 
     class Options(StageOptions):
@@ -373,6 +375,7 @@ class MiniOmniLM(Stage):
     kind = "lm"
     name = "mini-omni"
     consumes = (FeaturesFrame, TranscriptFrame)
+    requires = (FeaturesFrame, TranscriptFrame)  # by task: see required_inputs
     produces = (TextDeltaFrame, AudioCodesFrame, EndOfTurnFrame, TranscriptFrame)
 
     class Options(StageOptions):
@@ -424,6 +427,10 @@ class MiniOmniLM(Stage):
             if v is not None and not v.strip():
                 raise ValueError("give a path or leave it out")
             return v
+
+    def required_inputs(self) -> tuple[type[Frame], ...]:
+        """Text tasks (T1A2, T1T2) read transcripts; the others Whisper features."""
+        return (TranscriptFrame,) if self.options.task.startswith("T") else (FeaturesFrame,)
 
     async def setup(self) -> None:
         o = self.options
@@ -596,9 +603,14 @@ class MiniOmniLM(Stage):
             yield EndOfTurnFrame(
                 reason="completed" if reason in ("eoa", "eot") else "max_tokens", text=text.text)
         finally:
-            if stream is not None:
-                stream.close()
-            self.lm.lock.release()
+            # the model is released only after the stream is closed, on the compute thread
+            # that ran its steps (so after any step still in flight), whatever ended the turn
+            try:
+                if stream is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.run_compute(stream.close)
+            finally:
+                self.lm.lock.release()
 
     def _tracer(self, turn: int) -> Callable[[dict[str, Any]], None] | None:
         f = self._trace_file
