@@ -5,6 +5,13 @@ lm ``transformers`` answers each final :class:`~omniframe.frames.TranscriptFrame
 * the prompt is the model's chat template over a system prompt and the conversation so far
   (:meth:`omniframe.session.Session.history`, where interrupted answers are cut to what the
   user heard), so it holds a conversation, not single shots;
+* the prompt plus ``max_new_tokens`` always fits the model's context (``max_position_embeddings``
+  in its config): past messages are dropped oldest first, a user message together with the
+  answer to it, until it fits (:func:`fit_prompt`). The system prompt and the newest user
+  message are never dropped; if they alone do not fit, the turn gets an
+  :class:`~omniframe.frames.ErrorFrame` naming the token counts and the option to change
+  (``system_prompt`` or ``max_new_tokens``), and a system prompt that leaves no room for any
+  turn fails at setup;
 * tokens are decoded one step at a time in a worker thread, each step a separate call, so a
   barge-in (which cancels ``process``) stops generation after at most one forward pass and
   no thread keeps running;
@@ -21,11 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +42,7 @@ from pydantic import Field
 
 from omniframe.frames import (
     EndOfTurnFrame,
+    ErrorFrame,
     Frame,
     InterruptFrame,
     TextDeltaFrame,
@@ -43,7 +52,8 @@ from omniframe.models import ModelNotAvailable, resolve_model, split_uri
 from omniframe.session import Message
 from omniframe.stage import Stage, StageOptions
 
-__all__ = ["LoadedLM", "TransformersLM", "build_messages", "resolve_lm"]
+__all__ = ["LoadedLM", "NonFiniteWeights", "PromptTooLong", "TransformersLM", "build_messages",
+           "cache_problem", "check_finite", "fit_prompt", "load_cached", "resolve_lm"]
 
 log = structlog.get_logger("omniframe.lm")
 
@@ -68,6 +78,8 @@ class LoadedLM:
         # only the last position's logits are needed: skips the vocabulary projection of the
         # whole prompt at prefill
         self.extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.context = context_length(model)
+        """Positions the model can attend to (prompt + answer); None if it does not say."""
 
     def forward(self, ids: Any, cache: Any) -> tuple[Any, Any]:
         """One forward pass over ``ids`` (1, n) after ``cache``: (last logits, new cache)."""
@@ -100,6 +112,63 @@ class LoadedLM:
             lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
             text = "\n".join(lines) + "\nAssistant:"
         return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context in tokens, from its config (``max_position_embeddings`` and the
+    older names), or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+class PromptTooLong(ValueError):
+    """The system prompt and the user's turn alone leave no room for the answer."""
+
+
+def fit_prompt(lm: Any, history: list[dict[str, str]], system_prompt: str | None,
+               max_messages: int, max_new_tokens: int,
+               chat_template: str | None) -> tuple[list[dict[str, str]], list[int]]:
+    """The chat and its token ids for the next answer, within the model's context.
+
+    The rule: the prompt plus ``max_new_tokens`` must fit in ``lm.context``. Past messages
+    are dropped oldest first (a user message and the answer to it go together, since the
+    chat always starts with a user message) until it fits. The system prompt and the newest
+    user message are never dropped: if they alone do not fit, :class:`PromptTooLong` says
+    by how much and which option to change."""
+    msgs = build_messages(history, system_prompt, max_messages)
+    ids = lm.encode(msgs, chat_template)
+    limit = lm.context
+    if limit is None or len(ids) + max_new_tokens <= limit:
+        return msgs, ids
+    # the messages build_messages keeps, before merging (so a long unanswered message is
+    # dropped on its own, not merged into the newest one)
+    chat = [m for m in history if m["role"] in ("user", "assistant") and m["content"].strip()]
+    chat = chat[-max_messages:]
+    dropped = 0  # messages
+    while len(chat) > 1 and len(ids) + max_new_tokens > limit:
+        chat = chat[1:]
+        dropped += 1
+        while len(chat) > 1 and chat[0]["role"] != "user":
+            chat = chat[1:]
+            dropped += 1
+        msgs = build_messages(chat, system_prompt, max_messages)
+        ids = lm.encode(msgs, chat_template)
+    if len(ids) + max_new_tokens > limit:
+        system = len(lm.encode(build_messages([], system_prompt, 1), chat_template)) \
+            if system_prompt else 0
+        raise PromptTooLong(
+            f"the prompt is {len(ids)} tokens (system prompt {system}, the user's turn "
+            f"{len(ids) - system}) + max_new_tokens {max_new_tokens} = "
+            f"{len(ids) + max_new_tokens}, more than the model's context of {limit} tokens. "
+            f"Shorten system_prompt or lower max_new_tokens (lm options)")
+    if dropped:
+        log.info("history trimmed to fit the context", dropped_messages=dropped,
+                 prompt_tokens=len(ids), context=limit)
+    return msgs, ids
 
 
 def _stop_ids(model: Any, tok: Any) -> set[int]:
@@ -211,7 +280,7 @@ class TransformersLM(Stage):
     kind = "lm"
     name = "transformers"
     consumes = (TranscriptFrame,)
-    produces = (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame)
+    produces = (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame, ErrorFrame)
 
     class Options(StageOptions):
         model: str = Field(
@@ -263,15 +332,32 @@ class TransformersLM(Stage):
             import torch
 
             torch.set_num_threads(o.threads)
-        self.log.debug("lm ready", model=o.model)
+        await self.run_sync(self._check_system_prompt)
+        self.log.debug("lm ready", model=o.model, context=self.lm.context)
 
-    def _messages(self) -> list[dict[str, str]]:
+    def _check_system_prompt(self) -> None:
+        """Fail at setup, not at the first answer, when the system prompt alone leaves no
+        room for a user turn and an answer."""
+        o, lm = self.options, self.lm
+        assert lm is not None
+        if lm.context is None or not o.system_prompt:
+            return
+        n = len(lm.encode(build_messages([], o.system_prompt, 1), o.chat_template))
+        if n + o.max_new_tokens >= lm.context:
+            raise PromptTooLong(
+                f"the system prompt is {n} tokens; with max_new_tokens {o.max_new_tokens} "
+                f"that is {n + o.max_new_tokens}, and {o.model!r} has a context of "
+                f"{lm.context} tokens, which leaves no room for the user's turn. Shorten "
+                f"system_prompt (lm options) or lower max_new_tokens")
+
+    def _prompt(self) -> tuple[list[dict[str, str]], list[int]]:
         o = self.options
-        session = self.context.session
-        history = session.history()
+        assert self.lm is not None
+        history = self.context.session.history()
         if not o.history:
             history = [m for m in history if m["role"] == "user"][-1:]
-        return build_messages(history, o.system_prompt, o.max_history_messages)
+        return fit_prompt(self.lm, history, o.system_prompt, o.max_history_messages,
+                          o.max_new_tokens, o.chat_template)
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         assert isinstance(frame, TranscriptFrame)
@@ -287,8 +373,14 @@ class TransformersLM(Stage):
         o = self.options
         session = self.context.session
         session.add("user", heard, frame.turn)
-        messages = self.last_messages = self._messages()
-        prompt = await self.run_sync(self.lm.encode, messages, o.chat_template)
+        try:
+            messages, prompt = await self.run_sync(self._prompt)
+        except PromptTooLong as exc:
+            self.log.warning("prompt too long: no answer", turn=frame.turn, error=str(exc))
+            yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}")
+            yield EndOfTurnFrame(reason="error", text="")
+            return
+        self.last_messages = messages
         msg = session.add("assistant", "", frame.turn)
         self._active = (frame.turn, msg)
         seed = None if o.seed is None else o.seed + frame.turn
@@ -462,16 +554,24 @@ def _converted_folder(cache: Path, gguf_path: Path) -> Path:
     return cache / "gguf-converted" / f"{gguf_path.stem}-{digest}"
 
 
+_MARKER = "omniframe-complete.json"
+"""Written last into a converted copy: the size of every file, so a copy that a crash or a
+full disk left short is recognised as broken (and only such a copy is ever removed)."""
+
+
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     """Save a GGUF-loaded model as a plain transformers folder (safetensors, float32),
-    atomically: written to a temporary folder next to ``target``, then renamed."""
+    atomically: written to a temporary folder next to ``target``, completed by the marker
+    file, then renamed. An interrupted save (Ctrl-C, a crash, a full disk) leaves no folder
+    at ``target``; a stray temporary folder is never loaded."""
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
@@ -483,6 +583,7 @@ def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
         plain.tie_weights()
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_marker(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process got there first
@@ -490,6 +591,135 @@ def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(target: Path, age_s: float = 3600.0) -> None:
+    """Remove temporary and discarded copies of ``target`` that a killed process left (each
+    is as big as the model), once they are old enough not to be in use."""
+    now = time.time()
+    for p in target.parent.glob(f"{target.name}.*"):
+        if (".tmp-" in p.name or ".broken-" in p.name) and now - p.stat().st_mtime > age_s:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_marker(folder: Path) -> None:
+    files = {str(f.relative_to(folder)): f.stat().st_size
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != _MARKER}
+    marker = folder / _MARKER
+    marker.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    with open(marker, "rb") as fh:  # the marker is what says "complete": make it durable
+        os.fsync(fh.fileno())
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why the converted copy in ``folder`` cannot be right, or None if it looks complete.
+
+    Checked without loading a model: the completion marker exists and parses, every file it
+    lists has its recorded size, every JSON file parses and every safetensors file's header
+    parses and accounts for the file's size. A few milliseconds, no tensor is read."""
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return f"no completion marker ({_MARKER}): an unfinished or older copy"
+    try:
+        files = json.loads(marker.read_text())["files"]
+        assert isinstance(files, dict)
+    except Exception as exc:
+        return f"the completion marker does not parse ({type(exc).__name__})"
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} were written"
+        if f.suffix == ".json":
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                return f"{name} does not parse: {exc}"
+        elif f.suffix == ".safetensors":
+            problem = _safetensors_problem(f)
+            if problem:
+                return f"{name}: {problem}"
+    if not any(str(n).endswith(".safetensors") for n in files):
+        return "it holds no .safetensors weights"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes the
+    header's offsets describe; check that they add up."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return "truncated or not a safetensors file (bad header length)"
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return f"the header does not parse ({type(exc).__name__})"
+    if 8 + n + end != size:
+        return f"{size} bytes, its header describes {8 + n + end}: truncated"
+    return None
+
+
+def _discard(folder: Path, reason: str) -> None:
+    """Remove a converted copy proven broken: renamed first, so no reader sees it half gone."""
+    log.warning("rebuilding a broken de-quantized copy", folder=str(folder), reason=reason)
+    trash = folder.with_name(f"{folder.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        trash = folder
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_cached(folder: Path, load: Callable[[], Any]) -> Any | None:
+    """``load()`` the converted copy in ``folder``; None when there is none to load.
+
+    The cache is removed only when it is proven broken (:func:`cache_problem`, or non-finite
+    weights in what it loaded). An interrupted load (Ctrl-C, cancellation, shutdown: any
+    BaseException that is not an Exception) propagates and keeps the cache; so does any other
+    error of a cache that checks out (a wrong device, no memory, a library error): that is not
+    the cache's fault, and rebuilding it would take ~20 s for nothing."""
+    if not folder.exists():
+        return None
+    problem = cache_problem(folder)
+    if problem is not None:
+        _discard(folder, problem)
+        return None
+    try:
+        return load()
+    except NonFiniteWeights as exc:
+        _discard(folder, str(exc))
+        return None
+    except Exception:
+        problem = cache_problem(folder)
+        if problem is None:
+            raise
+        _discard(folder, problem)
+        return None
+
+
+class NonFiniteWeights(ModelNotAvailable):
+    """A loaded model has NaN or infinite weights."""
+
+
+def check_finite(model: Any, source: str) -> None:
+    """Refuse a model with NaN/Inf weights (one ``isfinite`` reduction per tensor, ~0.1 s for
+    135M parameters), naming the first such tensor."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta" \
+                    and not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise NonFiniteWeights(
+                    f"{source}: weight tensor {name!r} {tuple(p.shape)} holds {bad} NaN or "
+                    f"infinite value(s); the model file is corrupt or comes from a diverged "
+                    f"training run. Re-download or re-export it.")
 
 
 def _load_lm(folder: Path, gguf: str | None, tok_src: tuple[Path, str | None] | None,
@@ -525,16 +755,18 @@ def _load_lm_quietly(folder: Path, gguf: str | None, tok_src: tuple[Path, str | 
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     converted = _converted_folder(cache, folder / gguf) if cache is not None and gguf else None
-    if converted is not None and (converted / "config.json").exists():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch_dtype,
-                                                         local_files_only=True)
+    if converted is not None:
+        def load_converted() -> tuple[Any, Any]:
+            tok = AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
+            mdl = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch_dtype,
+                                                       local_files_only=True)
+            check_finite(mdl, f"{uri} (de-quantized copy {converted})")
+            return tok, mdl
+
+        loaded = load_cached(converted, load_converted)
+        if loaded is not None:
             log.debug("loaded the de-quantized copy", uri=uri, folder=str(converted))
-            return _finish(model, tokenizer, device, uri)
-        except Exception as exc:  # a broken cache entry: rebuild it from the GGUF
-            log.warning("ignoring a broken converted copy", folder=str(converted), error=str(exc))
-            shutil.rmtree(converted, ignore_errors=True)
+            return _finish(loaded[1], loaded[0], device, uri)
     tok_folder, tok_gguf = tok_src if tok_src else (folder, gguf)
     kwargs: dict[str, Any] = {"local_files_only": True}
     try:
@@ -549,6 +781,7 @@ def _load_lm_quietly(folder: Path, gguf: str | None, tok_src: tuple[Path, str | 
     except (OSError, ValueError) as exc:
         raise ModelNotAvailable(f"could not load the LM {uri!r}: {type(exc).__name__}: {exc}"
                                 ) from exc
+    check_finite(model, uri)
     if converted is not None:
         try:
             _save_converted(model, tokenizer, converted)
@@ -561,7 +794,12 @@ def _load_lm_quietly(folder: Path, gguf: str | None, tok_src: tuple[Path, str | 
 
 
 def _finish(model: Any, tokenizer: Any, device: str, uri: str) -> LoadedLM:
-    model.to(device)
+    try:
+        model.to(device)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # not the model's fault
+        raise ValueError(f"the LM {uri!r} cannot be placed on device {device!r}: "
+                         f"{type(exc).__name__}: {exc}. Set device to cpu, or to a device "
+                         f"torch has here (cuda, mps)") from exc
     model.eval()
     lm = LoadedLM(model, tokenizer, uri)
     lm.warmup()
