@@ -68,6 +68,7 @@ class _PlaybackSink(Stage):
 
     kind = "sink"
     consumes = (OutputAudioFrame, EndOfTurnFrame)
+    requires = (OutputAudioFrame,)  # an end of turn alone plays nothing
     lead_s: ClassVar[float] = 0.0  # write this long before the previous chunk ends
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -363,6 +364,8 @@ class TextSink(Stage):
     name = "text"
     consumes = (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame, ErrorFrame,
                 SpeechStartFrame, SpeechEndFrame)
+    # the conversation, or the VAD's events; ends of turn or errors alone print nothing
+    requires = (TranscriptFrame, TextDeltaFrame, SpeechStartFrame, SpeechEndFrame)
     output_option = "path"
     output_suffixes = (".jsonl", ".txt")
 
@@ -496,6 +499,7 @@ class NullSink(Stage):
     kind = "sink"
     name = "null"
     consumes = (Frame,)
+    requires = ()  # anything, or nothing at all
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         return

@@ -75,6 +75,7 @@ class VADStage(Stage):
 
     kind = "vad"
     consumes = (AudioFrame,)
+    requires = (AudioFrame,)
     produces = (SpeechStartFrame, InterruptFrame, SpeechEndFrame, UserTurnFrame, AudioFrame)
     Options = VADOptions
 

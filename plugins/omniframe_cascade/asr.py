@@ -78,6 +78,7 @@ class WhisperASR(Stage):
     kind = "encoder"
     name = "whisper-asr"
     consumes = (UserTurnFrame,)
+    requires = (UserTurnFrame,)
     produces = (TranscriptFrame, EndOfTurnFrame)
 
     class Options(StageOptions):

@@ -85,6 +85,7 @@ class SentenceTTS(Stage):
 
     kind = "codec"
     consumes = (TextDeltaFrame, EndOfTurnFrame)
+    requires = (TextDeltaFrame,)  # an end of turn alone says nothing
     produces = (OutputAudioFrame, TextDeltaFrame, EndOfTurnFrame)
     install_hint: ClassVar[str] = ""
 

@@ -29,6 +29,7 @@ class EchoLM(Stage):
     kind = "lm"
     name = "echo"
     consumes = (TranscriptFrame, UserTurnFrame)
+    requires = (TranscriptFrame, UserTurnFrame)  # text, or a whole audio turn
     produces = (TextDeltaFrame, EndOfTurnFrame)
 
     class Options(StageOptions):
@@ -65,6 +66,7 @@ class EchoCodec(Stage):
     kind = "codec"
     name = "echo"
     consumes = (TextDeltaFrame,)
+    requires = (TextDeltaFrame,)
     produces = (OutputAudioFrame, TextDeltaFrame)
     forward_consumed = True  # the text goes on to the sinks
 
