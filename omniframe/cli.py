@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib import resources as importlib_resources
 from pathlib import Path
@@ -27,18 +28,116 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def once(ctx: click.Context, param: click.Parameter, value: tuple[Any, ...]) -> Any:
+    """Callback for a ``multiple=True`` option that may be given once: click would silently
+    keep the last of several, so several are refused."""
+    if len(value) > 1:
+        shown = ", ".join(repr(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        raise click.BadParameter(f"given {len(value)} times ({shown}); give it once",
+                                 ctx=ctx, param=param)
+    return value[0] if value else None
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why ``path`` cannot be written, or None (missing folders are made by the writers).
+    Checked before anything runs, not after the answer is generated."""
+    from omniframe.config import short_repr
+
+    p = Path(path).expanduser()
+    shown = short_repr(str(path))
+    if p.is_dir():
+        return f"{shown} is a folder; give a file name in it"
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            return f"{shown} is not writable (permissions); choose another file"
+        return None
+    folder = p.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot write {shown}: {short_repr(str(folder))} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"cannot write {shown}: no permission to create files in "
+                f"{short_repr(str(folder))}; choose another place")
+    return None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)  # also hard links
+        return pa.resolve() == pb.resolve()  # also symlinked folders, ../ and relative forms
+    except (OSError, RuntimeError):  # a symlink loop: not the same as anything readable
+        return False
+
+
+def check_files(cfg: PipelineConfig, label: str, record: str | None = None,
+                input_path: str | None = None, output_path: str | None = None) -> None:
+    """Before a run: every file the pipeline writes (sinks' ``output_option``, ``--record``)
+    must be writable and must not be a file it reads (the source's ``input_option``).
+    ``input_path``/``output_path``: the ``--input``/``--output`` values, to name them."""
+    from omniframe.config import resolve_stages, short_repr
+
+    reads: list[tuple[str, str]] = []
+    writes: list[tuple[str, str]] = []
+    for r in resolve_stages(cfg, label):
+        opt_in = getattr(r.cls, "input_option", None)
+        opt_out = getattr(r.cls, "output_option", None)
+        if r.spec.kind == "source" and opt_in:
+            value = getattr(r.options, opt_in, None)
+            for v in value if isinstance(value, list | tuple) else [value]:
+                if v is not None:
+                    given = input_path is not None and Path(str(v)) == Path(input_path)
+                    reads.append(("--input" if given else f"{r.name}.options.{opt_in}", str(v)))
+        if r.spec.kind == "sink" and opt_out:
+            value = getattr(r.options, opt_out, None)
+            if value is not None and str(value) != "-":
+                given = output_path is not None and Path(str(value)) == Path(output_path)
+                writes.append(("--output" if given else f"{r.name}.options.{opt_out}",
+                               str(value)))
+    if record:
+        writes.append(("--record", record))
+    problems: list[tuple[str, str]] = []
+    for i, (what, w) in enumerate(writes):
+        for rwhat, r in reads:
+            if _same_file(w, r):
+                problems.append((what, f"{short_repr(w)} is also the input file ({rwhat}): "
+                                       f"it would be overwritten; choose another output file"))
+        for other, w2 in writes[:i]:
+            if _same_file(w, w2):
+                problems.append((what, f"{short_repr(w)} is also written by {other}; give "
+                                       f"each output its own file"))
+        why = unwritable(w)
+        if why:
+            problems.append((what, why))
+    if problems:
+        raise ConfigError(problems, label)
+
+
 def prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
                    input_path: str | None = None, output_path: str | None = None,
-                   realtime: bool | None = None) -> tuple[PipelineConfig, str]:
+                   realtime: bool | None = None, *, record: str | None = None,
+                   check: bool = False) -> tuple[PipelineConfig, str]:
     """Load a config (the embedded demo when None), apply ``--set``, ``--input``, ``--output``
-    and ``--realtime``. Returns the config and a label for messages."""
+    and ``--realtime``. Returns the config and a label for messages. ``check``: also
+    :func:`check_files` (with ``record``, the ``--record`` file), for a run."""
+    cfg, label = _prepare_config(config, overrides, input_path, output_path, realtime)
+    if check:
+        check_files(cfg, label, record, input_path, output_path)
+    return cfg, label
+
+
+def _prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
+                    input_path: str | None, output_path: str | None,
+                    realtime: bool | None) -> tuple[PipelineConfig, str]:
     from omniframe.config import apply_overrides, parse_config, read_yaml, resolve_stages
 
     path = Path(config) if config else _default_config_path()
     label = str(path) if config else f"built-in {DEFAULT_CONFIG}"
     data = read_yaml(path)
     if overrides:
-        data = apply_overrides(data, list(overrides))
+        data = apply_overrides(data, list(overrides), label)
     cfg = parse_config(data, label)
     if input_path is None and output_path is None and realtime is None:
         return cfg, label
@@ -70,7 +169,7 @@ def prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
                                             f"that write files: {known or 'none'}")], label)
         n, r = match[0]
         extra.append(f"{n}.options.{r.cls.output_option}={json.dumps(output_path)}")
-    data = apply_overrides(cfg.model_dump(), extra)
+    data = apply_overrides(cfg.model_dump(), extra, label)
     return parse_config(data, label), label
 
 
@@ -116,7 +215,20 @@ class _Printer:
             click.echo(f"warning: {frame.stage}: {frame.message}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The ``omniframe`` group: a broken plugin set-up or config found inside any command
+    (its own or a plugin's) is one ``error:`` line and exit 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from omniframe.plugins import PluginError
+
+        try:
+            return super().invoke(ctx)
+        except (PluginError, ConfigError) as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="omniframe")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("--log-json/--no-log-json", default=None, help="Logs as JSON (default: when "
@@ -130,16 +242,17 @@ def cli(verbose: int, log_json: bool | None) -> None:
 
 @cli.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False),
-              help="Input audio for the pipeline's file source.")
-@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False), multiple=True,
+              callback=once, help="Input audio for the pipeline's file source.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), multiple=True,
+              callback=once,
               help="Output file, routed to the sink that writes its suffix (.wav, .jsonl).")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
               help="Override a config value, e.g. --set lm.options.temperature=0.5")
 @click.option("--realtime/--no-realtime", default=None,
               help="Feed the input at the speed of speech (like a live microphone).")
 @click.option("--json", "as_json", is_flag=True, help="Print turn metrics as JSON lines.")
-@click.option("--record", type=click.Path(dir_okay=False),
+@click.option("--record", type=click.Path(dir_okay=False), multiple=True, callback=once,
               help="Record every frame that moves (type, stage, turn, times) to a JSONL file.")
 def run(config: str | None, input_path: str | None, output_path: str | None,
         overrides: tuple[str, ...], realtime: bool | None, as_json: bool,
@@ -151,7 +264,8 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
     from omniframe.pipeline import PipelineError, StageError
 
     try:
-        cfg, label = prepare_config(config, overrides, input_path, output_path, realtime)
+        cfg, label = prepare_config(config, overrides, input_path, output_path, realtime,
+                                    record=record, check=True)
         stages_desc = " -> ".join(f"{s.kind}:{s.plugin}" for s in cfg.pipeline)
         click.echo(f"pipeline {cfg.name!r} ({label}): {stages_desc}", err=True)
         text_on_stdout = any(
@@ -165,7 +279,9 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
         observers: list[Any] = [printer]
         if is_verbose():
             observers.append(FrameLogger())
-        recorder = JsonlRecorder(record) if record else None
+        if record:
+            Path(record).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        recorder = JsonlRecorder(Path(record).expanduser()) if record else None
         if recorder is not None:
             observers.append(recorder)
         pipeline = build_pipeline(cfg, source=label, observers=observers, collect=False)
@@ -173,6 +289,8 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
         _fail(str(exc))
     except PipelineError as exc:
         _fail(str(exc))
+    except OSError as exc:  # --record could not be created after all (a race, a full disk)
+        _fail(f"cannot write {exc.filename or record!r}: {exc.strerror or exc}")
     try:
         result = anyio.run(pipeline.run)
     except StageError as exc:
@@ -259,14 +377,23 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command("config-schema")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), multiple=True, callback=once,
+              help="Write to a file.")
 def config_schema_cmd(output: str | None) -> None:
     """Print the JSON schema of pipeline configs (with every installed stage's options)."""
     from omniframe.config import config_schema
 
+    why = unwritable(output) if output else None
+    if why:
+        _fail(f"--output: {why}")
     text = json.dumps(config_schema(), indent=2)
     if output:
-        Path(output).write_text(text + "\n")
+        out = Path(output).expanduser()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as exc:
+            _fail(f"cannot write {output!r}: {exc.strerror or exc}")
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text)

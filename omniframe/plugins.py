@@ -206,7 +206,7 @@ def get_registry() -> Registry:
             reg.stages[key] = cls
             reg.stage_plugin[key] = _owner
 
-        impl.function(register=register)
+        _call_hook(impl, "register_stages", register)
 
     for impl in pm.hook.register_datasets.get_hookimpls():
         def reg_ds(name: str, factory: Callable[..., Any], _owner: str = impl.plugin_name) -> None:
@@ -215,15 +215,30 @@ def get_registry() -> Registry:
             reg.datasets[name] = factory
             reg.dataset_plugin[name] = _owner
 
-        impl.function(register=reg_ds)
+        _call_hook(impl, "register_datasets", reg_ds)
 
     for impl in pm.hook.register_model_resolvers.get_hookimpls():
         def reg_res(scheme: str, fn: Callable[[str], Any]) -> None:
             reg.resolvers[scheme] = fn
 
-        impl.function(register=reg_res)
+        _call_hook(impl, "register_model_resolvers", reg_res)
     _registry = reg
     return reg
+
+
+def _call_hook(impl: Any, hook: str, register: Callable[..., None]) -> None:
+    """Call one plugin's ``register_*`` hook; its own bug becomes a :class:`PluginError`
+    that names the plugin (the CLI prints it as one line)."""
+    try:
+        impl.function(register=register)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {impl.plugin_name!r} failed in its {hook} hook: {type(exc).__name__}: "
+            f"{exc}. Update or reinstall it, or leave it out with "
+            f"OMNIFRAME_LOAD_PLUGINS=<the plugins you want>."
+        ) from exc
 
 
 def _check_stage_class(cls: Any, owner: str) -> None:
