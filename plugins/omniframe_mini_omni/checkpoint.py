@@ -53,18 +53,78 @@ class MiniOmni:
 
 
 # --------------------------------------------------------------------------- checks
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """``torch.load`` a state dict memory-mapped (no second copy in RAM), weights only."""
+_REDOWNLOAD = (f"Download {WEIGHTS_FILE} again (hf://{DEFAULT_REPO}) or point the model "
+               f"option at a complete checkpoint folder")
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a weights file before torch reads it, or None if it looks like a
+    torch checkpoint: empty, a text file (a Git LFS pointer, an HTML error page), not a
+    torch zip or pickle, or a zip archive cut short. Reads the first and last bytes only."""
+    import zipfile
+
     path = Path(path)
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, not a zip checkpoint, ...
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): the download or copy did not finish"
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return ("is a Git LFS pointer, not the weights: run `git lfs pull` in the "
+                "checkpoint's clone, or download the file itself")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        if not zipfile.is_zipfile(path):
+            return (f"is a truncated torch checkpoint ({size} bytes, the zip archive's "
+                    f"directory at its end is missing): the download or copy was cut short")
+        return None
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # a pickle (torch's legacy format)
+        return None
+    stripped = head.lstrip()
+    if stripped[:1] in (b"<", b"{", b"#") or all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        shown = head[:40].decode("ascii", "replace").strip()
+        return f"is a text file ({shown!r}...), not torch weights"
+    return "is not a torch checkpoint (neither torch.save's zip format nor a pickle)"
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """``torch.load`` a state dict memory-mapped (no second copy in RAM), weights only.
+
+    A file that cannot be a checkpoint (empty, text, truncated; see
+    :func:`weights_file_problem`) is a :class:`CheckpointError` saying so and what to do,
+    not torch's message about memory mapping."""
+    path = Path(path)
+    problem = weights_file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}. {_REDOWNLOAD}.")
+    with open(path, "rb") as fh:
+        legacy = not fh.read(4).startswith(b"PK\x03\x04")
+    try:  # a legacy (pickle) checkpoint cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, ...
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}. "
+                              f"{_REDOWNLOAD}.") from e
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
         sd = sd["model"]  # litgpt training checkpoints wrap the weights
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{path} is not a plain state dict: {len(not_tensors)} entries are not tensors "
+            f"(e.g. {not_tensors[0]!r}: {type(sd[not_tensors[0]]).__name__})")
     return dict(sd)
+
+
+def check_finite(tensors: Iterable[tuple[str, Tensor]], source: str) -> None:
+    """Refuse NaN/Inf weights, naming the first tensor that has some: one ``isfinite``
+    reduction per floating-point tensor (about a second for the 0.5B release on a CPU)."""
+    for name, t in tensors:
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{source}: weight tensor {name!r} {tuple(t.shape)} holds {bad} NaN or infinite "
+                f"value(s) of {t.numel()}; the file is corrupt or comes from a diverged "
+                f"training run. {_REDOWNLOAD}, or use an earlier training checkpoint.")
 
 
 def state_dict_report(
@@ -192,6 +252,7 @@ def load_mini_omni(
             f"({_describe(config)}):\n{report}\n"
             "Check that lit_model.pth and model_config.yaml come from the same checkpoint."
         )
+    check_finite(state_dict.items(), str(weights))
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
     model.to(device=device, dtype=dtype)

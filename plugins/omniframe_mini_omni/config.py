@@ -219,8 +219,15 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"model config not found: {path}")
-        with path.open() as f:
-            data = yaml.safe_load(f)
+        try:
+            with path.open(encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(
+                f"{path} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}. "
+                f"Restore it from the checkpoint's release (hf://gpt-omni/mini-omni)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a YAML mapping of config fields")
         return cls.from_dict(data, source=str(path))

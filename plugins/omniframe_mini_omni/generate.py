@@ -457,3 +457,89 @@ def stream_generate(model: Any, task: Task | str, **kwargs: Any) -> GenerationSt
 def generate(model: Any, task: Task | str, **kwargs: Any) -> GenerationResult:
     """Run a whole turn (non-streaming); same arguments as :class:`GenerationStream`."""
     return GenerationStream(model, task, **kwargs).run()
+
+
+# ------------------------------------------------------------------ context budget
+RANDOM_MAX_NEW_TOKENS = 256
+"""Decode steps per answer of ``random://`` weights when ``max_new_tokens`` is not set: random
+weights rarely sample EOA/EOT, so they would otherwise decode every position of the context
+(2048 minus the prompt; minutes on a CPU) for noise."""
+
+
+class ContextBudgetError(ValueError):
+    """A turn's prompt plus its generation budget does not fit the model's context."""
+
+
+def prompt_positions(task: Task | str, *, n_frames: int | None = None,
+                     n_text: int | None = None) -> int:
+    """Positions the prompt of one turn takes: L Whisper frames or n text ids, plus the 3
+    special positions around them (tokens.audio_input_prompt / text_input_prompt)."""
+    task = Task(task)
+    n = n_frames if task.audio_input else n_text
+    if n is None:
+        raise ValueError(f"task {task} needs {'n_frames' if task.audio_input else 'n_text'}")
+    return int(n) + 3
+
+
+def check_context_budget(block_size: int, prompt: int, max_new_tokens: int | None,
+                         what: str = "the input") -> int:
+    """The decode steps a turn gets, or :class:`ContextBudgetError` naming the numbers.
+
+    The rule (Mini-Omni has no conversation history: each turn is one prompt): the prompt's
+    positions plus the decode steps must fit ``block_size`` (2048 for the release). With
+    ``max_new_tokens`` set, ``prompt + max_new_tokens <= block_size``; without it the answer
+    may use every position left, ``block_size - prompt`` steps (one step is 85.3 ms of
+    speech: Mini-Omni reads at most 30 s of speech, 1503 positions, which leaves 545 steps,
+    46 s of answer). Nothing is trimmed: a turn that does not fit is refused."""
+    if prompt >= block_size:
+        raise ContextBudgetError(
+            f"{what} takes {prompt} positions, the model's whole context (block_size "
+            f"{block_size}) and more, leaving none for the answer: shorten it")
+    if max_new_tokens is None:
+        return block_size - prompt
+    if prompt + max_new_tokens > block_size:
+        raise ContextBudgetError(
+            f"{what} takes {prompt} positions + max_new_tokens {max_new_tokens} = "
+            f"{prompt + max_new_tokens}, more than the model's context (block_size "
+            f"{block_size}). Lower max_new_tokens (lm options) to at most "
+            f"{block_size - prompt}, or shorten the input")
+    return max_new_tokens
+
+
+def check_turn_budget(stage: Any, frame: Any) -> None:
+    """Called by ``MiniOmniLM._input`` for each consumed frame, before the turn starts.
+
+    * ``random://`` weights without ``max_new_tokens`` get :data:`RANDOM_MAX_NEW_TOKENS`
+      (set on the stage's options, once, so logs and later turns see it).
+    * A prompt (speech or text) that leaves fewer than ``max_new_tokens`` positions in the
+      context is answered with the positions left, and a warning names the numbers and the
+      option (:func:`check_context_budget`); a prompt that alone fills the context gets an
+      ``ErrorFrame`` for that turn from :class:`GenerationStream` (the next turn is answered).
+    Generation never runs past the context: GenerationStream stops at ``block_size``."""
+    from omniframe.frames import FeaturesFrame, TranscriptFrame
+
+    opts = stage.options
+    if opts.max_new_tokens is None and str(opts.model).startswith("random://"):
+        stage.options = opts = opts.model_copy(update={"max_new_tokens": RANDOM_MAX_NEW_TOKENS})
+        log.info("random:// weights: max_new_tokens defaults to %d (set it to decode more)",
+                 RANDOM_MAX_NEW_TOKENS)
+    task = Task(opts.task)
+    if isinstance(frame, FeaturesFrame) and task.audio_input:
+        shape = getattr(frame.features, "shape", ())
+        if len(shape) != 2 or shape[0] < 1:
+            return  # the stage's own shape check says what is wrong
+        n = int(shape[0])
+        prompt = prompt_positions(task, n_frames=n)
+        what = f"the user's speech ({n} Whisper frames, {n / 50:.1f} s)"
+    elif isinstance(frame, TranscriptFrame) and not task.audio_input and frame.final:
+        n = len(stage.tokenizer.encode(frame.text.strip()))
+        prompt = prompt_positions(task, n_text=n)
+        what = f"the user's text ({n} tokens)"
+    else:
+        return
+    block = int(stage.lm.config.block_size)
+    if n and prompt < block:
+        try:
+            check_context_budget(block, prompt, opts.max_new_tokens, what)
+        except ContextBudgetError as exc:
+            log.warning("%s; answering with the %d positions left", exc, block - prompt)

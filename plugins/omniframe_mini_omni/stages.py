@@ -487,6 +487,7 @@ class MiniOmniLM(Stage):
 
         from omniframe_mini_omni.tokens import Task as TaskEnum
 
+        __import__("omniframe_mini_omni.generate").generate.check_turn_budget(self, frame)
         task = TaskEnum(self.options.task)
         if isinstance(frame, FeaturesFrame):
             if not task.audio_input:
