@@ -13,12 +13,13 @@ if TYPE_CHECKING:
 
 @hookimpl
 def register_stages(register: Callable[[type[Stage]], None]) -> None:
-    """Register file/synth/mic sources, energy/silero/webrtc VADs, wav/speaker/text/null
+    """Register file/synth/mic/text sources, energy/silero/webrtc VADs, wav/speaker/text/null
     sinks."""
     from omniframe_audio.sinks import NullSink, SpeakerSink, TextSink, WavSink
     from omniframe_audio.sources import FileSource, MicSource, SynthSource
+    from omniframe_audio.text_source import TextSource
     from omniframe_audio.vad import EnergyVAD, SileroVAD, WebRTCVAD
 
-    for cls in (FileSource, SynthSource, MicSource, EnergyVAD, SileroVAD, WebRTCVAD,
+    for cls in (FileSource, SynthSource, MicSource, TextSource, EnergyVAD, SileroVAD, WebRTCVAD,
                 WavSink, TextSink, NullSink, SpeakerSink):
         register(cls)
