@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omniframe.stage import StageKind, StageOptions
+from omniframe.watchdog import WatchdogLimits
 
 __all__ = [
     "ConfigError",
@@ -43,7 +44,9 @@ __all__ = [
     "parse_yaml",
     "read_yaml",
     "resolve_stages",
+    "parse_value",
     "short_repr",
+    "split_path",
 ]
 
 # Limits on what a config may make the loader build. A real config is a few KB and a few
@@ -108,6 +111,16 @@ class StageSpec(BaseModel):
     name: str | None = Field(
         default=None, description="name in this pipeline (for --set and logs); default: kind")
     options: dict[str, Any] = Field(default_factory=dict)
+    watchdog: dict[str, float | None] | None = Field(
+        default=None, description="this stage's watchdog limits in seconds, by phase "
+                                  "(setup, process, ...); null turns one off")
+
+    @field_validator("watchdog")
+    @classmethod
+    def _watchdog_ok(cls, v: dict[str, float | None] | None) -> dict[str, float | None] | None:
+        if v is not None:
+            WatchdogLimits.model_validate(v)  # unknown phases and values <= 0 are errors
+        return v
 
 
 class PipelineConfig(BaseModel):
@@ -120,6 +133,10 @@ class PipelineConfig(BaseModel):
     description: str = ""
     device: str = Field(default="cpu", description="torch device for model stages")
     buffer: int = Field(default=8, ge=1, le=100_000, description="frames per bounded edge")
+    watchdog: WatchdogLimits = Field(
+        default_factory=WatchdogLimits,
+        description="seconds a stage may make no progress, by phase, before the run stops "
+                    "naming it; stages may change their own")
     pipeline: list[StageSpec] = Field(min_length=1)
 
     @field_validator("device")
@@ -351,7 +368,7 @@ def read_yaml(path: str | Path) -> Any:
 _SEGMENT = re.compile(r"([^\[\]]*)((?:\[[^\[\]]*\])*)")
 
 
-def _split_path(path: str) -> list[str | int]:
+def split_path(path: str) -> list[str | int]:
     """``pipeline[2].options.x`` → ``['pipeline', 2, 'options', 'x']``; ConfigError if bad."""
     out: list[str | int] = []
     for seg in path.split("."):
@@ -376,7 +393,8 @@ def _where(parts: list[str | int]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value: YAML (``1``, ``true``, ``[1, 2]``), else the text itself."""
     try:
         return parse_yaml(raw)
     except ConfigError as exc:
@@ -415,8 +433,8 @@ def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, An
         path = path.strip()
         if not path:
             raise ConfigError([(item, "empty path before '='")])
-        parts = _split_path(path)
-        value = _parse_value(raw)
+        parts = split_path(path)
+        value = parse_value(raw)
         _set_path(data, parts, value, path)
     return data
 
@@ -527,7 +545,7 @@ def resolve_stages(cfg: PipelineConfig, source: str | None = None) -> list[Resol
 
 def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: Any = None,
                    observers: list[Any] | None = None, collect: bool = True,
-                   resources: Any = None) -> Any:
+                   resources: Any = None, on_hang: Any = None) -> Any:
     """Phase 2 and construction: a ready :class:`~omniframe.pipeline.Pipeline`."""
     from omniframe.compat import IncompatibleStages
     from omniframe.pipeline import Pipeline, PipelineError
@@ -543,7 +561,10 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
         ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device)
         stages.append(r.cls(r.options, ctx))
     try:
-        return Pipeline(stages, buffer=cfg.buffer, observers=observers or [], collect=collect)
+        limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
+                                                       strict=True) if spec.watchdog}
+        return Pipeline(stages, buffer=cfg.buffer, observers=observers or [], collect=collect,
+                        watchdog=cfg.watchdog, stage_watchdog=limits, on_hang=on_hang)
     except (IncompatibleStages, PipelineError) as exc:
         raise ConfigError([("pipeline", str(exc))], source) from None
 

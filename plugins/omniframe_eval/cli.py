@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
+
+from omniframe.cli import once
 
 __all__ = ["eval_command"]
 
 
 @click.command("eval")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out", type=click.Path(file_okay=False), multiple=True, callback=once,
               help="Run folder: records.jsonl, answer audio, report (default: "
                    "runs/eval/<config name>).")
-@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--report-dir", type=click.Path(file_okay=False), multiple=True, callback=once,
               help="Write report.md/report.json/plots here instead of the run folder "
                    "(e.g. docs/eval to commit a report without the audio).")
-@click.option("--mode", type=click.Choice(["realtime", "offline"]), default=None,
+@click.option("--mode", type=click.Choice(["realtime", "offline"]), multiple=True,
+              callback=once,
               help="realtime: replay audio at the speed of speech (user-experienced latency); "
                    "offline: as fast as possible (throughput). Default: the config's.")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
+@click.option("--limit", type=click.IntRange(min=1), multiple=True, callback=once,
               help="Only the first N dataset items.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse results of an interrupted run in the same folder.")
@@ -36,7 +41,15 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
                  limit: int | None, resume: bool, retry_failed: bool,
                  overrides: tuple[str, ...], progress: bool) -> None:
     """Evaluate the pipelines of CONFIG (an evaluation config, e.g. configs/eval/ab.yaml) on
-    its dataset: latency, ASR WER, spoken-vs-text agreement and answer quality, one report."""
+    its dataset: latency, ASR WER, spoken-vs-text agreement and answer quality, one report.
+
+    \b
+    Every pipeline is validated before any item runs. Exit status:
+      0  every item of every pipeline ran ok
+      1  the run finished, but some items failed (the report lists each with its reason)
+      2  bad command line or config (eval config, a pipeline, --set): nothing ran
+      130  interrupted (finished items are kept: run the same command again to resume)
+    """
     import anyio
 
     from omniframe.config import ConfigError
@@ -51,8 +64,13 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
     try:
         cfg = load_eval_config(config, sets)
     except EvalConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        _fail(str(exc))
     run_dir = Path(out) if out else Path("runs") / "eval" / cfg.name
+    for folder, what in ((run_dir, "--out"), (Path(report_dir) if report_dir else None,
+                                              "--report-dir")):
+        why = _unusable_folder(folder) if folder is not None else None
+        if why:
+            _fail(f"{what}: {why}")
     argv = ["omniframe", "eval", *sys.argv[2:]] if sys.argv[1:2] == ["eval"] else None
     harness = Harness(cfg, run_dir, resume=resume, retry_failed=retry_failed, limit=limit,
                       progress=progress, command=shlex.join(argv) if argv else None)
@@ -61,7 +79,7 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
     try:
         rep = anyio.run(harness.run)
     except (HarnessError, EvalConfigError, DatasetError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+        _fail(str(exc))
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished items are saved in {run_dir / 'records.jsonl'}; "
                    f"run the same command again to resume", err=True)
@@ -72,3 +90,28 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
         lat = "-" if v is None else f"{v:.2f}s"
         click.echo(f"{b['name']}: {b['ok']}/{b['items']} ok, voice-to-voice p50 {lat}", err=True)
     click.echo(f"report: {paths['markdown']}")
+    failed = sum(b["failed"] for b in rep["pipelines"])
+    if failed:
+        total = sum(b["items"] for b in rep["pipelines"])
+        click.echo(f"error: {failed} of {total} item runs failed; the report lists each with "
+                   f"its reason", err=True)
+        sys.exit(1)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _unusable_folder(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made or written, or None."""
+    p = folder.expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return f"{str(folder)!r} is a file, not a folder"
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"cannot make {str(folder)!r}: {str(p)!r} is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"cannot write in {str(p)!r} (permissions); choose another folder"
+    return None

@@ -25,7 +25,6 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
@@ -162,6 +161,8 @@ class EvalConfig(_Model):
 
 
 def _problems(err: ValidationError) -> str:
+    from omniframe.config import clip
+
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in e["loc"])
@@ -189,7 +190,7 @@ def _problems(err: ValidationError) -> str:
                 msg += f" Expected one of: {', '.join(a for a in allowed if a != 'base_dir')}"
         elif e["type"] == "missing":
             msg = "required but missing"
-        lines.append(f"  {loc or '<top>'}: {msg}")
+        lines.append(f"  {clip(loc or '<top>', 300)}: {clip(msg, 1_000)}")
     return "\n".join(lines)
 
 
@@ -201,12 +202,15 @@ def apply_eval_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str
     * ``<pipeline>:<stage path>=<value>``, e.g. ``cascade:lm.options.max_tokens=32``: appended
       to that pipeline's own overrides (the pipeline config's ``--set`` syntax).
     Values are parsed as YAML."""
+    from omniframe.config import ConfigError, clip, parse_value, split_path
+
     data = copy.deepcopy(data)
     pipes = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
-    names = [p.get("name") for p in pipes if isinstance(p, dict)]
+    names = [p.get("name") if isinstance(p, dict) else None for p in pipes]
     for item in overrides:
+        shown = repr(clip(item))
         if "=" not in item:
-            raise EvalConfigError(f"override {item!r} must look like path=value, e.g. "
+            raise EvalConfigError(f"override {shown} must look like path=value, e.g. "
                                   f"mode=offline or cascade:lm.options.max_tokens=32")
         path, raw = item.split("=", 1)
         path = path.strip()
@@ -214,53 +218,78 @@ def apply_eval_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str
         if ":" in head:
             pname, stage_path = path.split(":", 1)
             if pname not in names:
-                raise EvalConfigError(f"override {item!r}: no pipeline named {pname!r}; "
+                raise EvalConfigError(f"override {shown}: no pipeline named {clip(pname)!r}; "
                                       f"pipelines: {', '.join(map(str, names))}")
             entry = pipes[names.index(pname)]
+            if not isinstance(entry.get("overrides", []), list):
+                raise EvalConfigError(f"override {shown}: pipeline {pname!r} has overrides "
+                                      f"that are not a list")
             entry.setdefault("overrides", []).append(f"{stage_path}={raw}")
             continue
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        parts = [p for p in path.split(".") if p]
+            parts = split_path(path)
+            value = parse_value(raw)
+        except ConfigError as exc:
+            raise EvalConfigError(f"override {shown}: {exc.problems[0][1]}") from None
         target: Any = data
         i = 0
         while i < len(parts) - 1:
-            part = parts[i]
-            if part.startswith("pipelines[") and part.endswith("]"):
-                idx = int(part[len("pipelines["):-1])
-                if not 0 <= idx < len(pipes):
-                    raise EvalConfigError(f"override {item!r}: there are {len(pipes)} pipelines")
+            part, nxt = parts[i], parts[i + 1]
+            if part == "pipelines" and target is data and i + 1 < len(parts) - 1 and (
+                    isinstance(nxt, int) or nxt in names):
+                idx = nxt if isinstance(nxt, int) else names.index(nxt)
+                if idx >= len(pipes):
+                    raise EvalConfigError(f"override {shown}: there are {len(pipes)} pipelines")
                 target = pipes[idx]
-            elif part == "pipelines" and i + 1 < len(parts) and parts[i + 1] in names:
-                target = pipes[names.index(parts[i + 1])]
-                i += 1
-            else:
-                if not isinstance(target, dict):
-                    raise EvalConfigError(f"override {item!r}: {part!r} is not in a mapping")
-                nxt = target.get(part)
-                if nxt is None:
-                    nxt = target[part] = {}
-                target = nxt
+                i += 2
+                continue
+            target = _step(target, part, shown)
             i += 1
-        if not isinstance(target, dict):
-            raise EvalConfigError(f"override {item!r}: cannot set a key inside a non-mapping")
-        target[parts[-1]] = value
+        _step(target, parts[-1], shown, value=value, last=True)
     return data
+
+
+_UNSET = object()
+
+
+def _step(target: Any, part: str | int, shown: str, value: Any = _UNSET,
+          last: bool = False) -> Any:
+    """One step of an override path into ``target`` (setting ``value`` on the last step)."""
+    if isinstance(part, int):
+        if not isinstance(target, list):
+            raise EvalConfigError(f"override {shown}: [{part}] indexes something that is not "
+                                  f"a list")
+        if part >= len(target):
+            raise EvalConfigError(f"override {shown}: [{part}] is past the end of a list of "
+                                  f"{len(target)}")
+        if last:
+            target[part] = value
+        return target[part]
+    if not isinstance(target, dict):
+        raise EvalConfigError(f"override {shown}: {part!r} is not in a mapping")
+    if last:
+        target[part] = value
+    elif target.get(part) is None:
+        target[part] = {}
+    return target[part]
 
 
 def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
     """Read, override and validate an evaluation config file."""
+    from omniframe.config import ConfigError, read_yaml
+
     p = Path(path)
     if not p.is_file():
-        raise EvalConfigError(f"evaluation config {str(p)!r} does not exist")
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise EvalConfigError(f"evaluation config {str(p)!r} {what}")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise EvalConfigError(f"{p}: not valid YAML: {exc}") from None
+        data = read_yaml(p)
+    except ConfigError as exc:
+        raise EvalConfigError(str(exc).replace("invalid config", "invalid evaluation config",
+                                               1)) from None
     if not isinstance(data, dict):
-        raise EvalConfigError(f"{p}: expected a mapping with 'dataset' and 'pipelines'")
+        raise EvalConfigError(f"{p}: expected a mapping with 'dataset' and 'pipelines', got "
+                              f"{type(data).__name__}")
     if "pipeline" in data and "pipelines" not in data:
         raise EvalConfigError(
             f"{p} looks like a pipeline config (it has 'pipeline:'); `omniframe eval` takes an "

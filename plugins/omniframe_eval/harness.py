@@ -312,8 +312,36 @@ class Harness:
             "embedding": self.cfg.embedding.model_dump(),
         })
 
+    def check_pipelines(self) -> None:
+        """Validate every pipeline of the evaluation as the items will run it (its overrides,
+        its fallback's, the harness's own source and sink settings; every stage's options;
+        the stages fitting together) before any item runs: a config error stops the whole
+        run with every problem listed, instead of failing each item the same way."""
+        from omniframe.config import ConfigError, build_pipeline, parse_config
+        from omniframe.pipeline import PipelineError
+
+        probe = EvalItem(id="config-check", audio="config-check.wav")
+        problems: list[str] = []
+        for entry in self.cfg.pipelines:
+            variants: list[tuple[str, list[str] | None]] = [("", None)]
+            if entry.fallback is not None:
+                variants.append((" with its fallback", entry.fallback.overrides))
+            for how, extra in variants:
+                try:
+                    data = self._pipeline_data(entry, extra)
+                    item_data, _ = self._item_data(data, probe, entry.name, realtime=False,
+                                                   make_dirs=False)
+                    build_pipeline(parse_config(item_data, entry.label), source=entry.label,
+                                   collect=False)
+                except HarnessError as exc:
+                    problems.append(f"{exc}{how}")
+                except (ConfigError, PipelineError) as exc:
+                    problems.append(f"pipeline {entry.name!r}{how}: {exc}")
+        if problems:
+            raise HarnessError("\n".join(problems))
+
     def _item_data(self, data: dict[str, Any], item: EvalItem, pipeline: str,
-                   realtime: bool) -> tuple[dict[str, Any], list[str]]:
+                   realtime: bool, make_dirs: bool = True) -> tuple[dict[str, Any], list[str]]:
         """The pipeline config for one item: source → item audio, sinks → run folder."""
         from omniframe.plugins import PluginError, get_registry
 
@@ -362,7 +390,8 @@ class Harness:
             if out_opt:
                 suffixes = getattr(scls, "output_suffixes", ()) or (".out",)
                 target = self.out / "sinks" / pipeline / f"{_safe(item.id)}.{i}{suffixes[0]}"
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if make_dirs:
+                    target.parent.mkdir(parents=True, exist_ok=True)
                 sopts[out_opt] = str(target)
             if "realtime" in scls.Options.model_fields:
                 sopts["realtime"] = False
@@ -695,8 +724,9 @@ class Harness:
     async def run(self) -> dict[str, Any]:
         """Run every pipeline over the dataset (resuming where possible); return the report
         data (see :func:`omniframe_eval.report.build_report`)."""
-        self.out.mkdir(parents=True, exist_ok=True)
         items = load_items(self.cfg, self.limit)
+        self.check_pipelines()
+        self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             self.store.clear()
         cached = self.store.load() if self.resume else {}

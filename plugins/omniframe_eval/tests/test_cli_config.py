@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from omniframe_eval.evalconfig import (
     EvalConfigError,
     apply_eval_overrides,
@@ -123,7 +125,7 @@ def test_eval_command_errors_are_one_clear_line(tmp_path: Path) -> None:
 def test_inline_pipeline_and_a_source_that_cannot_read_files(tiny_audio: Path,
                                                               tmp_path: Path) -> None:
     import anyio
-    from omniframe_eval.harness import Harness
+    from omniframe_eval.harness import Harness, HarnessError
 
     man = write_manifest(tiny_audio)
     inline = {"name": "inline", "pipeline": [
@@ -135,14 +137,19 @@ def test_inline_pipeline_and_a_source_that_cannot_read_files(tiny_audio: Path,
     synth = {"name": "synth", "pipeline": [{"kind": "source", "plugin": "evaltest-tone"},
                                            {"kind": "vad", "plugin": "evaltest-energy"},
                                            {"kind": "lm", "plugin": "echo"}]}
-    ev = write_eval(tmp_path, man, [{"name": "inline", "config": inline},
-                                    {"name": "synth", "config": synth}], limit=1)
+    ev = write_eval(tmp_path, man, [{"name": "inline", "config": inline}], limit=1)
     rep = anyio.run(Harness(load_eval_config(ev), tmp_path / "run", progress=False).run)
-    inl, syn = rep["pipelines"]
+    (inl,) = rep["pipelines"]
     assert inl["ok"] == 1  # no sink in the config: the harness adds a null sink
     assert inl["per_item"][0]["answer"].startswith("I heard")
-    assert syn["failed"] == 1
-    assert "not a source that reads a file" in syn["failures"][0]["reason"]
+    # a source the harness cannot feed is a config error: found before any item runs
+    ev = write_eval(tmp_path, man, [{"name": "inline", "config": inline},
+                                    {"name": "synth", "config": synth}], limit=1)
+    with pytest.raises(HarnessError, match="pipeline 'synth': its first stage "
+                                           r"\(source:evaltest-tone\) is not a source that "
+                                           "reads a file"):
+        anyio.run(Harness(load_eval_config(ev), tmp_path / "run2", progress=False).run)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_shipped_echo_eval_runs_on_the_real_audio_plugin(tmp_path: Path) -> None:
@@ -172,3 +179,98 @@ def test_help_lists_the_options() -> None:
     for opt in ("--out", "--mode", "--limit", "--resume / --no-resume", "--set",
                 "--report-dir"):
         assert opt in res.output
+
+
+def test_help_documents_the_exit_status() -> None:
+    res = CliRunner().invoke(_cli(), ["eval", "--help"])
+    text = " ".join(res.output.split())
+    assert "Exit status: 0 every item of every pipeline ran ok" in text
+    assert "1 the run finished, but some items failed" in text
+    assert "2 bad command line or config" in text
+
+
+def test_a_pipeline_config_error_fails_before_any_item_runs(tiny_audio: Path,
+                                                             tmp_path: Path) -> None:
+    """``--set echo:lm.options.nope=1`` used to fail every item and still exit 0."""
+    man = write_manifest(tiny_audio)
+    echo = write_pipeline(tmp_path, "echo")
+    ev = write_eval(tmp_path, man, [
+        {"name": "echo", "config": echo.name},
+        {"name": "fb", "config": echo.name, "fallback": {"overrides": ["lm.options.x=1"]}}])
+    out = tmp_path / "run"
+    res = CliRunner().invoke(_cli(), ["eval", str(ev), "--out", str(out), "--no-progress",
+                                      "--set", "echo:lm.options.nope=1"])
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
+    assert "pipeline 'echo'" in res.stderr and "unknown key 'nope'" in res.stderr
+    assert "pipeline 'fb' with its fallback" in res.stderr and "unknown key 'x'" in res.stderr
+    assert not out.exists()  # nothing ran, no records
+
+
+def test_failed_items_make_a_nonzero_exit(tiny_audio: Path, tmp_path: Path) -> None:
+    rows = [{"id": "good", "audio": str(tiny_audio / "hello.wav"),
+             "transcript": "please say the word hello"},
+            {"id": "missing", "audio": str(tmp_path / "nowhere.wav"), "transcript": "x"}]
+    man = write_manifest(tmp_path, rows)
+    echo = write_pipeline(tmp_path, "echo")
+    ev = write_eval(tmp_path, man, [{"name": "echo", "config": echo.name}])
+    res = CliRunner().invoke(_cli(), ["eval", str(ev), "--out", str(tmp_path / "run"),
+                                      "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert "echo: 1/2 ok" in res.stderr
+    assert "error: 1 of 2 item runs failed" in res.stderr
+    assert (tmp_path / "run" / "report.md").exists()  # the report is still written
+
+
+def test_eval_command_line_problems_exit_2(tiny_audio: Path, tmp_path: Path) -> None:
+    man = write_manifest(tiny_audio)
+    echo = write_pipeline(tmp_path, "echo")
+    ev = write_eval(tmp_path, man, [{"name": "echo", "config": echo.name}])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--out", str(afile / "run")], "--out: cannot make"),
+        (["--out", str(afile)], "is a file"),
+        (["--report-dir", str(afile / "r")], "--report-dir: cannot make"),
+        (["--out", "a", "--out", "b"], "given 2 times"),
+        (["--set", "pipelines[abc].name=x"], "index [abc] is not a number"),
+        (["--set", "pipelines[7].name=x"], "there are 1 pipelines"),
+        (["--set", "mode"], "must look like path=value"),
+    ]
+    for args, expected in cases:
+        res = CliRunner().invoke(_cli(), ["eval", str(ev), "--no-progress", *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert expected in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    (b"a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + b"".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n".encode()
+        for p, c in zip("abcdef", "bcdefg", strict=True)), "alias bomb"),
+    (b"name: a\nname: b\n", "duplicate key 'name'"),
+    (b"- just\n- a list\n", "expected a mapping with 'dataset' and 'pipelines', got list"),
+    (b"", "the file is empty"),
+])
+def test_hostile_eval_config_files(tmp_path: Path, content: bytes, expected: str) -> None:
+    p = tmp_path / "e.yaml"
+    p.write_bytes(content)
+    with pytest.raises(EvalConfigError, match=expected):
+        load_eval_config(p)
+    with pytest.raises(EvalConfigError, match="is a folder"):
+        load_eval_config(tmp_path)
+
+
+@given(override=st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.sampled_from(list("pipelines[]0123.=:abmode x")), max_size=30)))
+def test_any_eval_override_is_applied_or_explained(override: str) -> None:
+    data = {"mode": "realtime", "dataset": {"name": "spoken_qa"},
+            "pipelines": [{"name": "a", "config": "c.yaml"}, "not a mapping"]}
+    try:
+        out = apply_eval_overrides(data, [override])
+    except EvalConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(out, dict)
