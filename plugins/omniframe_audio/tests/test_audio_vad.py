@@ -3,6 +3,8 @@ energy, webrtc, silero), options, rates and errors."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from omniframe_audio.vad import EnergyVAD, SileroVAD, WebRTCVAD, turn_bounds
@@ -95,16 +97,35 @@ async def test_end_is_decided_only_after_the_hangover() -> None:
 
 
 async def test_speech_end_ts_is_when_the_user_stopped() -> None:
+    """The input frames were captured 10 s ago: ``speech_end_ts`` is their time, not the
+    VAD's. (Stamped relative to now, not at a fixed 1000 s: that failed when the monotonic
+    clock was younger, on a freshly booted machine.)"""
     x = speech_like(TWO_TURNS)
-    frames = [AudioFrame(samples=f.samples, sample_rate=SR, pts=f.pts, ts=1000.0 + f.pts)
+    t0 = time.monotonic() - 10.0  # may be negative on a fresh boot: still a valid origin
+    frames = [AudioFrame(samples=f.samples, sample_rate=SR, pts=f.pts, ts=t0 + f.pts)
               for f in audio_frames(x)]
     out = await run_vad(make_stage(EnergyVAD), None, frames=frames)
     end = of(out, SpeechEndFrame)[0]
     turn = of(out, UserTurnFrame)[0]
     # the last voiced frame is the one ending at 1.5 s: it started at 1.48 s
-    assert end.speech_end_ts == pytest.approx(1001.48)
+    assert end.speech_end_ts == pytest.approx(t0 + 1.48)
     assert turn.speech_end_ts == end.speech_end_ts
-    assert end.ts > end.speech_end_ts  # decided later (real clock vs the fake one)
+    assert end.ts > end.speech_end_ts  # decided later (real clock vs the captured one)
+
+
+@pytest.mark.parametrize("t0", [0.0, 1e-6, -3.0, 5.0, 1e7, None])
+async def test_speech_end_ts_for_any_clock_origin(t0: float | None) -> None:
+    """Timestamps from a clock that starts at 0 (a replay, a fresh boot), or all 0.0
+    (``None``): a ts of 0.0 is a time like any other, never "unset"."""
+    x = speech_like(TWO_TURNS)
+    frames = [AudioFrame(samples=f.samples, sample_rate=SR, pts=f.pts,
+                         ts=0.0 if t0 is None else t0 + f.pts)
+              for f in audio_frames(x)]
+    out = await run_vad(make_stage(EnergyVAD), None, frames=frames)
+    ends = [f.speech_end_ts for f in of(out, SpeechEndFrame)]
+    want = [0.0, 0.0] if t0 is None else [t0 + 1.48, t0 + 3.28]
+    assert ends == pytest.approx(want, abs=1e-6)
+    assert [f.speech_end_ts for f in of(out, UserTurnFrame)] == ends
 
 
 async def test_short_blips_do_not_open_a_turn() -> None:
