@@ -3,13 +3,23 @@
 All three produce :class:`~omniframe.frames.AudioFrame` of ``frame_ms`` each (the last one may
 be shorter), float32 mono at ``sample_rate``, with ``pts`` counting seconds from the start of
 the stream (silence the source adds included).
+
+One rule for broken samples, applied where audio enters, once: a source refuses NaN or
+infinite samples with an :class:`~omniframe.audio.AudioError` naming the file (or device) and
+the time of the first bad sample. The file source checks in ``setup``, before any later stage
+loads its model; later stages can rely on finite audio and do not check again.
+
+Files are read and resampled in blocks (:data:`BLOCK_S` of input at a time, through
+:class:`~omniframe_audio.resampling.StreamResampler`), so memory does not grow with the file:
+a two-hour recording plays with a few MB, not the GB its decoded samples would take.
 """
 
 from __future__ import annotations
 
 import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,12 +28,13 @@ import anyio.to_thread
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from omniframe.audio import AudioError, read_audio, to_mono
+from omniframe.audio import AudioError, to_mono
 from omniframe.frames import AudioFrame
 from omniframe.stage import Stage, StageOptions
 from omniframe_audio.devices import AudioDeviceError, import_sounddevice, pick_device
 
-__all__ = ["FileSource", "MicSource", "SynthSource", "frame_length"]
+__all__ = ["AudioInput", "FileSource", "MicSource", "SynthSource", "frame_length",
+           "open_input", "read_blocks"]
 
 Rate = Annotated[int, Field(ge=1000, le=384_000, description="samples per second")]
 FrameMs = Annotated[float, Field(gt=0, le=10_000, description="frame length in milliseconds")]
@@ -45,8 +56,124 @@ def _check_frame(sample_rate: int | None, frame_ms: float) -> None:
         frame_length(sample_rate, frame_ms)
 
 
+BLOCK_S = 2.0
+"""Seconds of input the file source reads (and resamples) at a time."""
+MIN_INPUT_RATE = 1000
+MAX_INPUT_RATE = 768_000
+_FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the only encodings that can hold NaN or Inf
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """An audio file's header, checked (see :func:`open_input`)."""
+
+    path: Path
+    rate: int
+    frames: int
+    channels: int
+    subtype: str
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.rate
+
+
+def _where(path: Path) -> str:
+    return repr(str(path))
+
+
+def open_input(path: str | Path) -> AudioInput:
+    """Check that ``path`` is an audio file this source can play, from its header only.
+
+    :class:`AudioError` names the file and the problem: missing, a folder, empty, not audio
+    (or a format libsndfile does not read), no samples, or a sample rate no recording has
+    (a broken header)."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"audio file {_where(p)} does not exist")
+    if p.is_dir():
+        raise AudioError(f"{_where(p)} is a folder, not an audio file")
+    if p.stat().st_size == 0:
+        raise AudioError(f"audio file {_where(p)} is empty (0 bytes)")
+    try:
+        info = sf.info(str(p))
+    except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError
+        raise AudioError(
+            f"cannot decode {_where(p)}: {str(exc).rstrip('. ')}. Supported: wav, flac, ogg, "
+            f"mp3 (libsndfile); convert other formats with ffmpeg -i in.m4a -ar 16000 out.wav"
+        ) from None
+    rate, frames, channels = int(info.samplerate), int(info.frames), int(info.channels)
+    if not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
+        raise AudioError(
+            f"{_where(p)} says its sample rate is {rate} Hz, which no recording has (expected "
+            f"{MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz): its header is broken. Re-export it, e.g. "
+            f"ffmpeg -i in.wav -ar 16000 out.wav")
+    if channels < 1:
+        raise AudioError(f"{_where(p)} has {channels} channels; re-export it")
+    if frames <= 0:
+        raise AudioError(f"audio file {_where(p)} has no samples")
+    return AudioInput(p, rate, frames, channels, str(info.subtype))
+
+
+def _blocks(src: AudioInput, block_frames: int) -> Iterator[Any]:
+    """The file's samples as mono float32 blocks of ``block_frames`` (the last shorter)."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(src.path)) as f:
+            while True:
+                data = f.read(block_frames, dtype="float32", always_2d=True)
+                if not len(data):
+                    return
+                yield to_mono(data)
+    except AudioError:
+        raise
+    except Exception as exc:  # a read error in the middle of the file
+        raise AudioError(f"cannot decode {_where(src.path)}: {str(exc).rstrip('. ')}; the "
+                         f"file is damaged. Re-export it") from None
+
+
+def check_finite(src: AudioInput) -> None:
+    """Refuse NaN/Inf samples, naming the time of the first (float encodings only: integer
+    PCM cannot hold them). Reads the file once in blocks, without keeping it."""
+    if src.subtype not in _FLOAT_SUBTYPES:
+        return
+    block = max(4096, int(BLOCK_S * src.rate))
+    done = 0
+    for x in _blocks(src, block):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i = done + int(np.argmax(bad))
+            what = "NaN" if np.isnan(x[i - done]) else "infinite"
+            raise AudioError(
+                f"{_where(src.path)} has {what} samples, the first at {i / src.rate:.3f} s "
+                f"(sample {i}): the file is damaged or was written from a failed computation. "
+                f"Fix or re-export it")
+        done += len(x)
+
+
+def read_blocks(src: AudioInput, rate: int, block_s: float = BLOCK_S) -> Iterator[Any]:
+    """The file as mono float32 at ``rate``, in blocks: read ``block_s`` of input at a time
+    and resample it with :class:`StreamResampler`, whose output over the whole file equals
+    resampling the whole file at once (:func:`omniframe.audio.resample`)."""
+    from omniframe_audio.resampling import StreamResampler
+
+    block = max(4096, int(block_s * src.rate))
+    rs = None if src.rate == rate else StreamResampler(src.rate, rate)
+    for x in _blocks(src, block):
+        y = x if rs is None else rs.push(x)
+        if len(y):
+            yield y
+    if rs is not None:
+        tail = rs.flush()
+        if len(tail):
+            yield tail
+
+
 class _ArraySource(Stage):
-    """Shared by the file and synth sources: cut one array into paced frames."""
+    """Shared by the file and synth sources: cut a stream of sample pieces into paced frames."""
 
     kind = "source"
     produces = (AudioFrame,)
@@ -54,23 +181,52 @@ class _ArraySource(Stage):
     _samples: Any = None
     _rate: int = 16000
 
+    def pieces(self) -> Iterator[Any]:
+        """The stream, as float32 mono pieces of any length (default: one array)."""
+        yield self._samples
+
     async def generate(self) -> AsyncIterator[AudioFrame]:
-        samples, rate = self._samples, self._rate
+        rate = self._rate
         n = frame_length(rate, self.options.frame_ms)  # type: ignore[attr-defined]
         realtime = bool(self.options.realtime)  # type: ignore[attr-defined]
+        it = self.pieces()
+        try:
+            async for frame in self._frames(it, n, rate, realtime):
+                yield frame
+        finally:
+            it.close()  # closes the file being read
+
+    async def _frames(self, it: Iterator[Any], n: int, rate: int,
+                      realtime: bool) -> AsyncIterator[AudioFrame]:
         t0: float | None = None
-        for start in range(0, len(samples), n):
-            end = min(start + n, len(samples))
-            if realtime:
-                # A live microphone delivers a frame when its last sample is captured:
-                # schedule against the start so sleeps that overshoot do not add up.
-                if t0 is None:
-                    t0 = time.monotonic()
-                delay = t0 + end / rate - time.monotonic()
-                if delay > 0:
-                    await anyio.sleep(delay)
-            yield AudioFrame(samples=samples[start:end], sample_rate=rate, pts=start / rate,
-                             live=realtime)
+        pending = np.zeros(0, dtype=np.float32)
+        start = 0  # index of pending[0] in the stream
+        done = object()
+        while True:
+            piece = await self.run_sync(next, it, done) if self._blocking else next(it, done)
+            last = piece is done
+            if not last:
+                pending = np.concatenate([pending, piece]) if len(pending) else piece
+            while len(pending) >= n or (last and len(pending)):
+                chunk = pending[:n].copy()
+                chunk.setflags(write=False)  # frames are immutable
+                pending = pending[n:]
+                end = start + len(chunk)
+                if realtime:
+                    # A live microphone delivers a frame when its last sample is captured:
+                    # schedule against the start so sleeps that overshoot do not add up.
+                    if t0 is None:
+                        t0 = time.monotonic()
+                    delay = t0 + end / rate - time.monotonic()
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                yield AudioFrame(samples=chunk, sample_rate=rate, pts=start / rate,
+                                 live=realtime)
+                start = end
+            if last:
+                return
+
+    _blocking = False  # pieces() reads files: advance it in a worker thread
 
 
 class FileSource(_ArraySource):
@@ -113,6 +269,9 @@ class FileSource(_ArraySource):
         p = self.options.path  # type: ignore[attr-defined]
         return [] if p is None else list(p) if isinstance(p, list) else [p]
 
+    _blocking = True
+    _inputs: tuple[AudioInput, ...] = ()
+
     async def setup(self) -> None:
         opts = self.options
         paths = self.paths
@@ -121,28 +280,41 @@ class FileSource(_ArraySource):
                 "the file source has no input: set options.path (a wav/flac file, or a list "
                 "of files) or pass --input FILE"
             )
-        rate: int | None = opts.sample_rate  # type: ignore[attr-defined]
-        clips = []
-        for p in paths:
-            clip, rate = await self.run_sync(read_audio, p, rate)
-            clips.append(clip)
-        assert rate is not None
+        inputs = []
+        for p in paths:  # every file is checked before anything plays or any model loads
+            src = await self.run_sync(open_input, p)
+            await self.run_sync(check_finite, src)
+            inputs.append(src)
+        rate = int(opts.sample_rate or inputs[0].rate)  # type: ignore[attr-defined]
         frame_length(rate, opts.frame_ms)  # type: ignore[attr-defined]
+        self._inputs, self._rate = tuple(inputs), rate
+        o = opts
+        seconds = (o.start_silence_s + sum(i.seconds for i in inputs)  # type: ignore[attr-defined]
+                   + o.gap_s * (len(inputs) - 1) + o.tail_silence_s)  # type: ignore[attr-defined]
+        self.log.debug("input_opened", files=[str(p) for p in paths], sample_rate=rate,
+                       seconds=round(seconds, 3))
+
+    def pieces(self) -> Iterator[Any]:
+        opts = self.options
+        rate = self._rate
 
         def silence(seconds: float) -> Any:
             return np.zeros(int(round(seconds * rate)), dtype=np.float32)
 
-        parts = [silence(opts.start_silence_s)]  # type: ignore[attr-defined]
-        for i, clip in enumerate(clips):
+        yield silence(opts.start_silence_s)  # type: ignore[attr-defined]
+        for i, src in enumerate(self._inputs):
             if i:
-                parts.append(silence(opts.gap_s))  # type: ignore[attr-defined]
-            parts.append(clip)
-        parts.append(silence(opts.tail_silence_s))  # type: ignore[attr-defined]
-        samples = np.concatenate(parts).astype(np.float32, copy=False)
-        samples.setflags(write=False)  # frames are views: keep them immutable
-        self._samples, self._rate = samples, int(rate)
-        self.log.debug("input_loaded", files=[str(p) for p in paths], sample_rate=rate,
-                       seconds=round(len(samples) / rate, 3))
+                yield silence(opts.gap_s)  # type: ignore[attr-defined]
+            got = 0
+            for block in read_blocks(src, rate):
+                got += len(block)
+                yield block
+            want = int(round(src.frames * rate / src.rate))
+            if got < want:
+                self.log.warning("input_shorter_than_header", path=str(src.path),
+                                 seconds=round(got / rate, 3),
+                                 header_seconds=round(src.seconds, 3))
+        yield silence(opts.tail_silence_s)  # type: ignore[attr-defined]
 
 
 PatternPart = tuple[Literal["speech", "silence"], Annotated[float, Field(gt=0, le=3600)]]
@@ -278,7 +450,14 @@ class MicSource(Stage):
                 if item is None:
                     continue
                 data, ts = item
-                pending = np.concatenate([pending, rs.push(to_mono(data))])
+                mono = to_mono(data)
+                if not np.isfinite(mono).all():  # the sources' one rule (module docstring)
+                    i = int(np.argmax(~np.isfinite(mono)))
+                    raise AudioError(
+                        f"input device {self._device} delivered NaN or infinite samples at "
+                        f"{(rs.samples_in + i) / self._device_rate:.3f} s: the device or its "
+                        f"driver is broken; pick another with options.device")
+                pending = np.concatenate([pending, rs.push(mono)])
                 while len(pending) >= n_out and (limit is None or produced < limit):
                     chunk, pending = pending[:n_out], pending[n_out:]
                     yield AudioFrame(samples=chunk, sample_rate=out_rate,

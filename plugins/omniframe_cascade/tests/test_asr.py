@@ -56,8 +56,7 @@ async def test_other_sample_rates_are_resampled(question_audio) -> None:
 async def test_an_impossible_sample_rate_is_a_clear_error(question_audio) -> None:
     with pytest.raises(StageError, match="sample rate 100 Hz, which cannot be speech"):
         await transcribe([turn(question_audio, 100)])
-    with pytest.raises(StageError, match="NaN or infinite"):
-        await transcribe([turn(np.full(16000, np.nan, np.float32))])
+    # NaN/Inf samples are the sources' to refuse (omniframe_audio test_audio_file_input.py)
 
 
 async def test_silence_and_noise_give_an_empty_turn_not_a_transcript() -> None:
