@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,8 +41,17 @@ from omniframe.frames import (
 from omniframe.metrics import MetricsCollector, RunResult, StageMetrics
 from omniframe.session import Session
 from omniframe.stage import Stage
+from omniframe.watchdog import Activity, LoopMonitor, StageStuck, WatchdogLimits, merge_limits
 
-__all__ = ["Observer", "Pipeline", "PipelineError", "StageError", "run_pipeline"]
+__all__ = [
+    "Observer",
+    "Pipeline",
+    "PipelineCancelled",
+    "PipelineError",
+    "StageError",
+    "StageStuck",
+    "run_pipeline",
+]
 
 log = structlog.get_logger("omniframe.pipeline")
 
@@ -68,8 +77,31 @@ class StageError(PipelineError):
         self.secondary = False  # True when caused by another stage's failure
         super().__init__(
             f"stage {stage!r} ({kind}) failed during {phase}: "
-            f"{type(cause).__name__}: {cause}"
+            f"{type(cause).__name__}: {_message(cause)}"
         )
+
+
+class PipelineCancelled(PipelineError):
+    """The run was cancelled from outside (:meth:`Pipeline.cancel`, Ctrl-C in the CLI).
+
+    Attributes:
+        result: the metrics of what ran before the cancellation.
+    """
+
+    def __init__(self, result: RunResult, reason: str = "cancelled") -> None:
+        self.result = result
+        self.reason = reason
+        super().__init__(f"the run was {reason}")
+
+
+def _message(exc: BaseException, limit: int = 2000) -> str:
+    """An exception's message for one error line: never empty, never huge."""
+    text = str(exc)
+    if not text:
+        text = repr(exc) if isinstance(exc, SystemExit) else "(no message)"
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text)} characters)"
+    return text
 
 
 class Observer(Protocol):
@@ -98,8 +130,13 @@ class _Runner:
     """Runs one stage: pulls from its inbox lanes, calls the stage, pushes to its outbox."""
 
     def __init__(self, stage: Stage, inbox: _Lanes | None, outbox: _Lanes,
-                 observers: Sequence[Observer], metrics: StageMetrics) -> None:
+                 observers: Sequence[Observer], metrics: StageMetrics,
+                 activity: Activity, urgent_activity: Activity,
+                 failed: Callable[[StageError], None]) -> None:
         self.stage = stage
+        self.activity = activity  # the data loop (or a source's generate)
+        self.urgent_activity = urgent_activity  # interrupts
+        self.failed = failed
         self.name = stage.context.name
         self.kind = stage.kind
         self.inbox = inbox
@@ -131,19 +168,28 @@ class _Runner:
                 self.outbox.data_tx.send_nowait(frame)
             except anyio.WouldBlock:
                 t0 = time.perf_counter()
-                await self.outbox.data_tx.send(frame)
+                act = self.activity
+                act.waiting = True  # the slow one is downstream: not this stage's silence
+                try:
+                    await self.outbox.data_tx.send(frame)
+                finally:
+                    act.waiting = False
                 self._blocked += time.perf_counter() - t0
+        self.activity.since = self.urgent_activity.since = time.monotonic()  # progress
         self.metrics.frames_out += 1
         if self.observers:
             now = time.monotonic()
             for obs in self.observers:
                 obs.on_frame(self.name, self.kind, frame, now)
 
-    async def _drive(self, gen: AsyncIterator[Frame], cause: Frame | None) -> None:
+    async def _drive(self, gen: AsyncIterator[Frame], cause: Frame | None, phase: str,
+                     activity: Activity | None = None) -> None:
         """Emit everything ``gen`` yields; frames without a turn inherit the cause's."""
         turn = cause.turn if cause is not None else 0
         t0 = time.perf_counter()
         blocked0 = self._blocked
+        act = activity or self.activity
+        act.enter(phase)
         try:
             async with aclosing(gen):  # type: ignore[type-var]
                 async for out in gen:
@@ -151,13 +197,14 @@ class _Runner:
                         out = dataclasses.replace(out, turn=turn)
                     await self.emit(out)
         finally:
+            act.leave()
             self.metrics.busy_s += (time.perf_counter() - t0) - (self._blocked - blocked0)
 
     async def run(self) -> None:
         try:
             async with self.outbox.data_tx, self.outbox.urgent_tx:
                 if self.inbox is None:
-                    await self._drive(self.stage.generate(), None)
+                    await self._drive(self.stage.generate(), None, "generate")
                     await self.emit(EndOfStreamFrame())
                 else:
                     async with anyio.create_task_group() as tg:
@@ -165,16 +212,20 @@ class _Runner:
                         await self._data_loop()
         except StageError:
             raise
-        except anyio.get_cancelled_exc_class():
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and GeneratorExit from a stage are bugs too
             cause = _root_cause(exc)
             if isinstance(cause, StageError):
                 raise cause from None
-            err = StageError(self.name, self.kind, cause)
+            if isinstance(cause, KeyboardInterrupt | anyio.get_cancelled_exc_class()):
+                raise
+            phase = self.activity.phase or self.urgent_activity.phase or "run"
+            err = StageError(self.name, self.kind, cause, phase=phase)
             # the next stage is gone: a consequence of its failure, which it reports
             err.secondary = isinstance(cause, (anyio.BrokenResourceError,
                                                anyio.ClosedResourceError))
+            self.failed(err)
             raise err from cause
 
     async def _data_loop(self) -> None:
@@ -203,13 +254,13 @@ class _Runner:
                     self.metrics.dropped += 1
                     continue
                 if isinstance(frame, EndOfStreamFrame):
-                    await self._drive(self.stage.end_of_stream(frame), frame)
+                    await self._drive(self.stage.end_of_stream(frame), frame, "end_of_stream")
                     await self.emit(frame)
                 elif self.consumes(frame):
                     with anyio.CancelScope() as scope:
                         self._scope, self._scope_turn = scope, turn
                         try:
-                            await self._drive(self.stage.process(frame), frame)
+                            await self._drive(self.stage.process(frame), frame, "process")
                         finally:
                             self._scope = None
                     if forward and not scope.cancel_called:
@@ -231,9 +282,11 @@ class _Runner:
                             scope.cancel()
                             self.metrics.interrupted += 1
                         await self.emit(frame)  # downstream stops as early as possible
-                        await self._drive(self.stage.interrupt(frame), frame)
+                        await self._drive(self.stage.interrupt(frame), frame, "interrupt",
+                                          self.urgent_activity)
                     elif self.consumes(frame):  # e.g. a sink that shows errors
-                        await self._drive(self.stage.process(frame), frame)
+                        await self._drive(self.stage.process(frame), frame, "process",
+                                          self.urgent_activity)
                         if self.kind == "sink" or self.stage.forward_consumed:
                             await self.emit(frame)
                     else:
@@ -253,6 +306,11 @@ class Pipeline:
         buffer: frames each data lane holds before the sender waits (backpressure).
         observers: extra observers (a :class:`MetricsCollector` is always added).
         collect: keep every frame that leaves the last stage in ``RunResult.frames``.
+        watchdog: limits for every stage (:class:`~omniframe.watchdog.WatchdogLimits`);
+            ``None`` keeps the defaults.
+        stage_watchdog: per stage name, the limits it changes (``{"lm": {"process": 300}}``).
+        on_hang: called (from a thread) when a stage blocks the event loop and cannot be
+            stopped; the CLI prints the message and exits. Default: log it.
         session: the conversation shared by the stages (taken from the stages' context).
     """
 
@@ -260,6 +318,9 @@ class Pipeline:
     buffer: int = 8
     observers: list[Observer] = field(default_factory=list)
     collect: bool = True
+    watchdog: WatchdogLimits | None = None
+    stage_watchdog: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    on_hang: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -280,13 +341,46 @@ class Pipeline:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise PipelineError(f"stage names must be unique; repeated: {sorted(dup)}")
+        unknown = set(self.stage_watchdog) - set(names)
+        if unknown:
+            raise PipelineError(f"watchdog limits for stages not in the pipeline: "
+                                f"{sorted(unknown)}; stages: {names}")
         from omniframe.compat import check_chain
 
         check_chain(self.stages)
+        self._scope: anyio.CancelScope | None = None
+        self._cancel_reason: str | None = None
+        self._first_error: StageError | None = None
+        self._activities: list[Activity] = []
 
     @property
     def session(self) -> Session:
         return self.stages[0].context.session
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the run from outside (call it in the run's event loop): stages are cancelled,
+        torn down, and :meth:`run` raises :class:`PipelineCancelled`. Safe to call before the
+        run starts, or after it ended."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def busy(self) -> str:
+        """What the stages are doing now, for a message: ``"lm (process, 3.2 s)"``."""
+        now = time.monotonic()
+        parts = [f"{a.name} ({a.phase}, {now - a.since:.1f} s)" for a in self._activities
+                 if a.phase is not None and a.phase != "generate"]
+        return ", ".join(parts) or "nothing"
+
+    def _failed(self, err: StageError) -> None:
+        """Remember the first real failure: the one to report."""
+        if self._first_error is None and not err.secondary and self._cancel_reason is None:
+            self._first_error = err
+
+    def _limits(self, st: Stage) -> WatchdogLimits:
+        return merge_limits(self.watchdog, getattr(st, "watchdog_limits", None),
+                            self.stage_watchdog.get(st.context.name))
 
     async def run(self) -> RunResult:
         """Set up every stage, move frames until the input ends, tear down, return metrics."""
@@ -295,44 +389,127 @@ class Pipeline:
         collector = MetricsCollector()
         observers: list[Observer] = [collector, *self.observers]
         frames: list[Frame] = []
+        acts = {s.context.name: Activity(s.context.name, s.kind, self._limits(s))
+                for s in self.stages}
+        urgent = {name: Activity(a.name, a.kind, a.limits) for name, a in acts.items()}
+        self._activities = [*acts.values(), *urgent.values()]
+        self._first_error = None
+        monitor = LoopMonitor(acts, self.stages, self._loop_blocked, self.on_hang)
         t_start = time.monotonic()
+        t_run = t_start
         set_up: list[Stage] = []
+        teardown_errors: list[StageError] = []
+        error: BaseException | None = None
         try:
-            for st in self.stages:
+            monitor.start()
+            async with anyio.create_task_group() as outer:
+                self._scope = outer.cancel_scope
+                if self._cancel_reason is not None:
+                    outer.cancel_scope.cancel()
+                outer.start_soon(self._watch, monitor, name="watchdog")
                 try:
-                    t0 = time.perf_counter()
-                    await st.setup()
-                    stage_metrics[st.context.name].setup_s = time.perf_counter() - t0
-                except Exception as exc:
-                    raise StageError(st.context.name, st.kind, exc, phase="setup") from exc
-                finally:
-                    set_up.append(st)
-            t_run = time.monotonic()
-            lanes = [_lanes(self.buffer) for _ in self.stages]
-            runners = [
-                _Runner(st, lanes[i - 1] if i else None, lanes[i], observers,
-                        stage_metrics[st.context.name])
-                for i, st in enumerate(self.stages)
-            ]
-            try:
-                async with anyio.create_task_group() as tg:
-                    for r in runners:
-                        tg.start_soon(r.run, name=f"stage:{r.name}")
-                    tg.start_soon(self._collect, lanes[-1], frames)
-            except BaseExceptionGroup as group:
-                raise _first_stage_error(group) from None
-        finally:
-            with anyio.CancelScope(shield=True):
-                for st in reversed(set_up):
+                    for st in self.stages:
+                        act = acts[st.context.name]
+                        act.enter("setup")
+                        try:
+                            t0 = time.perf_counter()
+                            await st.setup()
+                            stage_metrics[st.context.name].setup_s = time.perf_counter() - t0
+                        except Exception as exc:
+                            err = StageError(st.context.name, st.kind, exc, phase="setup")
+                            self._failed(err)
+                            raise err from exc
+                        finally:
+                            act.leave()
+                            set_up.append(st)
+                    t_run = time.monotonic()
+                    lanes = [_lanes(self.buffer) for _ in self.stages]
+                    runners = [
+                        _Runner(st, lanes[i - 1] if i else None, lanes[i], observers,
+                                stage_metrics[st.context.name], acts[st.context.name],
+                                urgent[st.context.name], self._failed)
+                        for i, st in enumerate(self.stages)
+                    ]
                     try:
-                        await st.teardown()
-                    except Exception:
-                        log.exception("teardown failed", stage=st.context.name)
+                        async with anyio.create_task_group() as tg:
+                            for r in runners:
+                                tg.start_soon(r.run, name=f"stage:{r.name}")
+                            tg.start_soon(self._collect, lanes[-1], frames)
+                    except BaseExceptionGroup as group:
+                        raise _first_stage_error(group) from None
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        teardown_errors = await self._teardown(set_up, acts)
+                    outer.cancel_scope.cancel()  # the watchdog's work is done
+        except BaseExceptionGroup as group:
+            error = _first_stage_error(group)
+        except BaseException as exc:
+            error = exc
+        finally:
+            monitor.stop()
+            self._scope = None
+        if self._first_error is not None and (error is None or isinstance(error, StageError)):
+            error = self._first_error  # the stage that failed first, not a consequence
         t_end = time.monotonic()
-        return collector.result(
+        result = collector.result(
             stages=stage_metrics, wall_s=t_end - t_run, setup_s=t_run - t_start,
             frames=frames if self.collect else None,
         )
+        if error is None and teardown_errors:
+            error = teardown_errors[0]
+        else:
+            for err in teardown_errors:
+                log.error("teardown failed", stage=err.stage, error=_message(err.cause, 500))
+        real = error is not None and (error is self._first_error
+                                      or isinstance(error, KeyboardInterrupt | SystemExit))
+        if self._cancel_reason is not None and not real:
+            # what failed after the cancel is a consequence of it
+            raise PipelineCancelled(result, self._cancel_reason) from error
+        if error is not None:
+            raise error
+        return result
+
+    async def _teardown(self, set_up: list[Stage], acts: dict[str, Activity]) -> list[StageError]:
+        """Tear down in reverse order, each within its limit; return what failed."""
+        errors: list[StageError] = []
+        for st in reversed(set_up):
+            act = acts[st.context.name]
+            limit = act.limits.teardown
+            act.enter("teardown")
+            try:
+                with anyio.move_on_after(limit if limit is not None else math.inf) as scope:
+                    await st.teardown()
+                if scope.cancelled_caught:
+                    errors.append(StageError(st.context.name, st.kind, act.error(
+                        "teardown", time.monotonic() - act.since, limit or 0.0),
+                        phase="teardown"))
+            except Exception as exc:
+                errors.append(StageError(st.context.name, st.kind, exc, phase="teardown"))
+            finally:
+                act.leave()
+        return errors
+
+    async def _watch(self, monitor: LoopMonitor) -> None:
+        """The in-loop watchdog: beats for the loop monitor, fails the run on a silent stage."""
+        while True:
+            await anyio.sleep(0.25)
+            monitor.beat()
+            now = time.monotonic()
+            for act in self._activities:
+                over = act.overdue(now)
+                if over is None:
+                    continue
+                phase, silent, limit = over
+                err = StageError(act.name, act.kind, act.error(phase, silent, limit), phase)
+                self._failed(err)
+                log.error("stage stuck", stage=act.name, phase=phase, silent_s=round(silent, 1))
+                raise err
+
+    def _loop_blocked(self, stage: str, phase: str, err: StageStuck) -> None:
+        """From the loop monitor's thread: a stage blocks the event loop past its limit."""
+        act = next(a for a in self._activities if a.name == stage)
+        self._failed(StageError(stage, act.kind, err, phase))
+        log.error("stage blocks the event loop", stage=stage, phase=phase)
 
     async def _collect(self, lanes: _Lanes, frames: list[Frame]) -> None:
         async def urgent() -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
@@ -158,6 +158,9 @@ class Stage:
         output_suffixes: file suffixes this sink writes, to route ``--output``.
         forward_consumed: also pass on each consumed frame after what ``process`` yields
             (sinks always do, so several can chain; a TTS does it so text reaches the sink).
+        watchdog_limits: watchdog limits this stage needs other than the defaults, by phase
+            (``{"process": 600}`` for a stage that may think for minutes between outputs);
+            see :mod:`omniframe.watchdog`. The config overrides them.
     """
 
     kind: ClassVar[StageKind]
@@ -170,6 +173,7 @@ class Stage:
     input_option: ClassVar[str | None] = None
     output_option: ClassVar[str | None] = None
     output_suffixes: ClassVar[tuple[str, ...]] = ()
+    watchdog_limits: ClassVar[Mapping[str, float | None]] = {}
 
     def __init__(self, options: StageOptions | dict[str, Any] | None = None,
                  context: StageContext | None = None) -> None:
