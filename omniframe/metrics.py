@@ -8,6 +8,9 @@ Latency definitions (all from monotonic timestamps):
 * ``response_s``: the VAD's decision to first answer audio (model-side latency).
 * ``first_text_s``: the user stopped speaking to the first answer text.
 * ``rtf``: answer compute time divided by answer audio duration, per turn.
+* ``audio_out_s``: seconds of answer audio; after a barge-in, what the audio sink reports it
+  played before it stopped (a frame with ``played_s`` from a sink), not all that was made
+  (``audio_produced_s``).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ class TurnMetrics:
     end_reason: str | None = None
     transcript: str = ""
     text: str = ""
-    audio_out_s: float = 0.0
+    audio_out_s: float = 0.0  # played; all produced unless a sink reported a cut
+    audio_produced_s: float = 0.0
     user_audio_s: float = 0.0
 
     def _since(self, a: float | None, b: float | None) -> float | None:
@@ -93,9 +97,9 @@ class TurnMetrics:
 
     @property
     def rtf(self) -> float | None:
-        if self.end_ts is None or self.vad_end_ts is None or not self.audio_out_s:
+        if self.end_ts is None or self.vad_end_ts is None or not self.audio_produced_s:
             return None
-        return (self.end_ts - self.vad_end_ts) / self.audio_out_s
+        return (self.end_ts - self.vad_end_ts) / self.audio_produced_s
 
     def summary(self) -> dict[str, Any]:
         """Derived figures, rounded, JSON-ready."""
@@ -111,6 +115,7 @@ class TurnMetrics:
             "asr_s": r(self.asr_s),
             "rtf": r(self.rtf),
             "audio_out_s": r(self.audio_out_s),
+            "audio_produced_s": r(self.audio_produced_s),
             "interrupted": self.interrupted,
             "end_reason": self.end_reason,
             "transcript": self.transcript,
@@ -124,10 +129,13 @@ class TurnMetrics:
 
         rtf = "-" if self.rtf is None else f"{self.rtf:.2f}"
         state = " interrupted" if self.interrupted else ""
+        made = self.audio_produced_s
+        of = f" of {made:.2f}s" if abs(made - self.audio_out_s) >= 0.005 else ""
         return (
             f"turn {self.turn}{state}: voice-to-voice {ms(self.voice_to_voice_s)} "
             f"(vad wait {ms(self.vad_wait_s)}, response {ms(self.response_s)}), "
-            f"first text {ms(self.first_text_s)}, audio out {self.audio_out_s:.2f}s, rtf {rtf}"
+            f"first text {ms(self.first_text_s)}, audio out {self.audio_out_s:.2f}s{of}, "
+            f"rtf {rtf}"
         )
 
 
@@ -172,6 +180,8 @@ class MetricsCollector:
         self.turns: dict[int, TurnMetrics] = {}
         self.input_audio_s = 0.0
         self._audio_maker: str | None = None  # the stage that makes the answer audio
+        self._player: str | None = None  # the sink whose played_s reports count
+        self._played: set[int] = set()  # turns whose played audio a sink reported
 
     def _turn(self, n: int) -> TurnMetrics:
         t = self.turns.get(n)
@@ -200,7 +210,9 @@ class MetricsCollector:
             if self._audio_maker is None:
                 self._audio_maker = stage
             if stage == self._audio_maker:
-                t.audio_out_s += frame.duration  # type: ignore[attr-defined]
+                t.audio_produced_s += frame.duration  # type: ignore[attr-defined]
+                if n not in self._played:
+                    t.audio_out_s += frame.duration  # type: ignore[attr-defined]
             if kind == "sink" and t.first_audio_ts is None:
                 t.first_audio_ts = now  # left the first sink: the user hears it
         elif cls is AudioCodesFrame:
@@ -233,6 +245,14 @@ class MetricsCollector:
             prev = self.turns.get(n - 1)
             if prev is not None and prev.end_ts is None:
                 prev.interrupted = True
+        elif kind == "sink" and isinstance(getattr(frame, "played_s", None), float):
+            # a sink stopped playing this answer (omniframe_audio's PlaybackStoppedFrame):
+            # it knows what was played; the first sink that reports is the one counted
+            if self._player is None:
+                self._player = stage
+            if stage == self._player:
+                t.audio_out_s = frame.played_s  # type: ignore[attr-defined]
+                self._played.add(n)
 
     def result(self, *, stages: dict[str, StageMetrics], wall_s: float, setup_s: float,
                frames: list[Frame] | None) -> RunResult:

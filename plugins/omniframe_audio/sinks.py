@@ -7,7 +7,9 @@ leaves the sink (the moment metrics count as "heard") when it starts. On a barge
 the answer that was not played yet is cut (from the file too), and
 ``session.truncate(turn, heard)`` records the text of the chunks fully or partly played
 (:attr:`OutputAudioFrame.text`; a partly played chunk contributes the same share of its words).
-Without ``realtime`` everything written counts as heard.
+Without ``realtime`` everything written counts as heard. Either way the sink then sends a
+:class:`PlaybackStoppedFrame` with the seconds of that answer it played (written), which the
+metrics report as the turn's ``audio out`` instead of all the audio the answer produced.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import Field
 
 from omniframe.audio import AudioError
 from omniframe.frames import (
+    ControlFrame,
     EndOfStreamFrame,
     EndOfTurnFrame,
     ErrorFrame,
@@ -43,7 +46,22 @@ from omniframe_audio.devices import import_sounddevice, pick_device
 from omniframe_audio.resampling import StreamResampler
 from omniframe_audio.wavfile import WavWriter
 
-__all__ = ["NullSink", "SpeakerSink", "TextSink", "WavSink", "heard_prefix"]
+__all__ = ["NullSink", "PlaybackStoppedFrame", "SpeakerSink", "TextSink", "WavSink",
+           "heard_prefix"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlaybackStoppedFrame(ControlFrame):
+    """An audio sink stopped playing the answer to ``turn`` at a barge-in.
+
+    Parameters:
+        played_s: seconds of that answer the sink played (wrote) before it stopped; the
+            metrics' ``audio out`` of the turn (:class:`omniframe.metrics.TurnMetrics`).
+        heard: the text of what was played, where the chunks carried text.
+    """
+
+    played_s: float
+    heard: str | None = None
 
 def heard_prefix(text: str, fraction: float) -> str:
     """The first ``fraction`` of ``text``'s words (whole words only, leading spaces kept)."""
@@ -207,8 +225,8 @@ class _PlaybackSink(Stage):
         self.log.info("playback_interrupted", turn=m, by_turn=frame.turn,
                       played_s=round(played_s, 3),
                       heard="".join(heard) if text_known else None)
-        return
-        yield  # pragma: no cover
+        yield PlaybackStoppedFrame(turn=m, played_s=played_s,
+                                   heard="".join(heard) if text_known else None)
 
     async def end_of_stream(self, frame: EndOfStreamFrame) -> AsyncIterator[Frame]:
         self._flush_resampler()

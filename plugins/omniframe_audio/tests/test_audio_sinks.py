@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 from omniframe_audio.devices import AudioDeviceError
-from omniframe_audio.sinks import NullSink, SpeakerSink, TextSink, WavSink, heard_prefix
+from omniframe_audio.sinks import (
+    NullSink,
+    PlaybackStoppedFrame,
+    SpeakerSink,
+    TextSink,
+    WavSink,
+    heard_prefix,
+)
 from omniframe_audio.wavfile import WavWriter
 
 from omniframe.audio import AudioError, resample
@@ -204,6 +211,14 @@ async def test_barge_in_cuts_playback_and_records_what_was_heard(tmp_path: Path)
     assert 0.2 <= len(y) / rate < 0.45  # the file holds what was played
     played = [f for f in result.frames if isinstance(f, OutputAudioFrame)]
     assert len(played) == 2
+    # the turn reports what was played, not the 0.6 s the answer had
+    stopped = [f for f in result.frames if isinstance(f, PlaybackStoppedFrame)]
+    assert len(stopped) == 1 and stopped[0].turn == 1
+    assert stopped[0].played_s == pytest.approx(len(y) / rate, abs=1e-3)
+    turn = result.turns[0]
+    assert turn.audio_out_s == pytest.approx(len(y) / rate, abs=1e-3)
+    assert turn.audio_produced_s == pytest.approx(0.6, abs=1e-3)
+    assert f"audio out {turn.audio_out_s:.2f}s of 0.60s" in turn.line()
 
 
 async def test_no_truncation_when_the_answer_was_heard_whole(tmp_path: Path) -> None:
@@ -224,6 +239,28 @@ async def test_without_realtime_everything_written_was_heard(tmp_path: Path) -> 
                sink)
     msg = session.last("assistant", 1)
     assert msg is not None and msg.interrupted and msg.heard == "one two"
+
+
+async def test_audio_out_counts_what_the_sink_wrote_before_a_barge_in(tmp_path: Path) -> None:
+    """Without realtime the sink writes chunks as they come: after an interrupt, chunks of
+    the old turn still queued upstream are dropped, and audio out is what was written."""
+    sink = make_stage(WavSink, path=tmp_path / "q.wav")
+    result = await play([chunk(0.1, text="a"), chunk(0.1, text="b"), 0.05,
+                         InterruptFrame(turn=2), chunk(0.3, text="late")], sink)
+    y, rate = sf.read(str(tmp_path / "q.wav"), dtype="float32")
+    turn = result.turns[0]
+    assert len(y) / rate == pytest.approx(0.2, abs=1e-3)
+    assert turn.audio_out_s == pytest.approx(0.2, abs=1e-3)
+    assert turn.audio_produced_s == pytest.approx(0.5, abs=1e-3)
+
+
+async def test_audio_out_is_all_the_audio_when_nothing_was_cut(tmp_path: Path) -> None:
+    sink = make_stage(WavSink, path=tmp_path / "all.wav")
+    result = await play([chunk(0.1), chunk(0.2), EndOfTurnFrame(turn=1)], sink)
+    turn = result.turns[0]
+    assert turn.audio_out_s == pytest.approx(0.3) == turn.audio_produced_s
+    assert not any(isinstance(f, PlaybackStoppedFrame) for f in result.frames)
+    assert "audio out 0.30s," in turn.line()
 
 
 def test_heard_prefix() -> None:
