@@ -133,8 +133,11 @@ _infos: dict[str, PluginInfo] = {}
 
 
 def register_plugin(module: Any, name: str) -> None:
-    """Register an in-process plugin (tests, notebooks); call :func:`reset_plugins` after."""
+    """Register an in-process plugin (tests, notebooks); call :func:`reset_plugins` after.
+    The installed plugins are loaded first, so they always come before it (a clash names
+    them in the same order whatever ran before)."""
     global _registry
+    load_plugins()
     pm.register(module, name=name)
     _infos[name] = PluginInfo(name=name, module=getattr(module, "__name__", repr(module)))
     _registry = None

@@ -86,6 +86,25 @@ def test_a_non_stage_registration_is_refused() -> None:
         unregister_plugin("bad")
 
 
+@pytest.mark.parametrize("hook", ["register_stages", "register_datasets",
+                                  "register_model_resolvers"])
+def test_a_plugin_hook_that_raises_is_a_plugin_error_naming_it(hook: str) -> None:
+    from omniframe import hookimpl
+
+    def broken(register: object) -> None:
+        raise ModuleNotFoundError("No module named 'its_missing_dependency'")
+
+    register_plugin(SimpleNamespace(**{hook: hookimpl(broken, specname=hook)}), "broken")
+    try:
+        with pytest.raises(PluginError, match=f"plugin 'broken' failed in its {hook} hook: "
+                                              "ModuleNotFoundError: No module named "
+                                              "'its_missing_dependency'. Update or reinstall"):
+            get_registry()
+    finally:
+        unregister_plugin("broken")
+    assert get_registry().stage("lm", "echo")
+
+
 def run_py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120)
