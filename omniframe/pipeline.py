@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger("omniframe.pipeline")
+
+HANG_GRACE_S = 2.0
+"""After the watchdog fires, how long the run may take to end before ``on_hang`` is called."""
 
 
 class PipelineError(Exception):
@@ -148,6 +152,7 @@ class _Runner:
         self._scope_turn = 0
         self._consumed: dict[type, bool] = {}
         self._blocked = 0.0  # time spent waiting on a full outbox while busy
+        self.last_phase: str | None = None  # of the last stage call, for errors
         self._urgent_done = 0  # urgent frames fully handled
         self._urgent_progress = anyio.Event()
 
@@ -190,6 +195,7 @@ class _Runner:
         blocked0 = self._blocked
         act = activity or self.activity
         act.enter(phase)
+        self.last_phase = phase
         try:
             async with aclosing(gen):  # type: ignore[type-var]
                 async for out in gen:
@@ -220,7 +226,7 @@ class _Runner:
                 raise cause from None
             if isinstance(cause, KeyboardInterrupt | anyio.get_cancelled_exc_class()):
                 raise
-            phase = self.activity.phase or self.urgent_activity.phase or "run"
+            phase = self.last_phase or "run"
             err = StageError(self.name, self.kind, cause, phase=phase)
             # the next stage is gone: a consequence of its failure, which it reports
             err.secondary = isinstance(cause, (anyio.BrokenResourceError,
@@ -309,8 +315,10 @@ class Pipeline:
         watchdog: limits for every stage (:class:`~omniframe.watchdog.WatchdogLimits`);
             ``None`` keeps the defaults.
         stage_watchdog: per stage name, the limits it changes (``{"lm": {"process": 300}}``).
-        on_hang: called (from a thread) when a stage blocks the event loop and cannot be
-            stopped; the CLI prints the message and exits. Default: log it.
+        on_hang: called (from a thread) with the error when the watchdog fired but the run
+            did not end within :data:`HANG_GRACE_S` (a stage blocks the event loop or a thread
+            in code that cannot be interrupted); the CLI prints it and exits. Default: the
+            error is logged, and the run ends when the stuck call returns.
         session: the conversation shared by the stages (taken from the stages' context).
     """
 
@@ -352,6 +360,7 @@ class Pipeline:
         self._cancel_reason: str | None = None
         self._first_error: StageError | None = None
         self._activities: list[Activity] = []
+        self._running = False
 
     @property
     def session(self) -> Session:
@@ -394,7 +403,9 @@ class Pipeline:
         urgent = {name: Activity(a.name, a.kind, a.limits) for name, a in acts.items()}
         self._activities = [*acts.values(), *urgent.values()]
         self._first_error = None
-        monitor = LoopMonitor(acts, self.stages, self._loop_blocked, self.on_hang)
+        monitor = LoopMonitor(acts, self.stages, self._loop_blocked, self.on_hang,
+                              grace=HANG_GRACE_S)
+        self._running = True
         t_start = time.monotonic()
         t_run = t_start
         set_up: list[Stage] = []
@@ -448,6 +459,7 @@ class Pipeline:
         finally:
             monitor.stop()
             self._scope = None
+            self._running = False
         if self._first_error is not None and (error is None or isinstance(error, StageError)):
             error = self._first_error  # the stage that failed first, not a consequence
         t_end = time.monotonic()
@@ -503,7 +515,15 @@ class Pipeline:
                 err = StageError(act.name, act.kind, act.error(phase, silent, limit), phase)
                 self._failed(err)
                 log.error("stage stuck", stage=act.name, phase=phase, silent_s=round(silent, 1))
+                if self.on_hang is not None:  # a stage stuck in a thread may never return
+                    timer = threading.Timer(HANG_GRACE_S, self._still_running, (str(err),))
+                    timer.daemon = True
+                    timer.start()
                 raise err
+
+    def _still_running(self, message: str) -> None:
+        if self._running and self.on_hang is not None:
+            self.on_hang(message)
 
     def _loop_blocked(self, stage: str, phase: str, err: StageStuck) -> None:
         """From the loop monitor's thread: a stage blocks the event loop past its limit."""
