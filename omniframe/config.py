@@ -100,6 +100,13 @@ def check_device(device: str) -> str:
     return device
 
 
+def _stage_names(stages: list[tuple[Any, Any, Any]]) -> list[str]:
+    """``(name, kind, plugin)`` of each stage → its name: ``name``, else its kind, else its
+    plugin if kinds repeat (also for raw, not yet validated config data)."""
+    kinds = [k for _, k, _ in stages]
+    return [str(n) if n else str(k) if kinds.count(k) == 1 else str(p) for n, k, p in stages]
+
+
 class StageSpec(BaseModel):
     """One stage of a pipeline in a config."""
 
@@ -129,18 +136,22 @@ class PipelineConfig(BaseModel):
     def _device_ok(cls, v: str) -> str:
         return check_device(v)
 
+    @field_validator("pipeline")
+    @classmethod
+    def _names_unique(cls, v: list[StageSpec]) -> list[StageSpec]:
+        names = _stage_names([(s.name, s.kind, s.plugin) for s in v])
+        repeated = [
+            f"{name!r} ({', '.join(f'pipeline[{i}]' for i, n in enumerate(names) if n == name)})"
+            for name in dict.fromkeys(n for n in names if names.count(n) > 1)
+        ]
+        if repeated:
+            raise ValueError(f"stage names must be unique; repeated: {'; '.join(repeated)}. "
+                             f"Give each of them its own name: (--set and logs use it)")
+        return v
+
     def stage_names(self) -> list[str]:
         """Each stage's name: its ``name``, else its kind, else its plugin if kinds repeat."""
-        kinds = [s.kind for s in self.pipeline]
-        out = []
-        for s in self.pipeline:
-            if s.name:
-                out.append(s.name)
-            elif kinds.count(s.kind) == 1:
-                out.append(s.kind)
-            else:
-                out.append(s.plugin)
-        return out
+        return _stage_names([(s.name, s.kind, s.plugin) for s in self.pipeline])
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
@@ -424,14 +435,6 @@ def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, An
     return data
 
 
-def _stage_names(data: dict[str, Any], stages: list[Any]) -> list[str]:
-    try:
-        return parse_config(data).stage_names()
-    except ConfigError:
-        return [str(s.get("name") or s.get("kind")) if isinstance(s, dict) else "?"
-                for s in stages]
-
-
 def _set_path(data: dict[str, Any], parts: list[str | int], value: Any, path: str) -> None:
     target: Any = data
     head = parts[0]
@@ -448,7 +451,12 @@ def _set_path(data: dict[str, Any], parts: list[str | int], value: Any, path: st
         if not isinstance(stages, list):
             raise ConfigError([(path, f"no stage named {short_repr(head)}: the config has no "
                                       f"'pipeline' list")])
-        names = _stage_names(data, stages)
+        names = _stage_names([(s.get("name"), s.get("kind"), s.get("plugin"))
+                              if isinstance(s, dict) else (None, "?", "?") for s in stages])
+        if names.count(head) > 1:
+            where = ", ".join(f"pipeline[{i}]" for i, n in enumerate(names) if n == head)
+            raise ConfigError([(path, f"{short_repr(head)} names several stages ({where}); "
+                                      f"pick one as pipeline[N], or give each its own name:")])
         if head not in names:
             close = difflib.get_close_matches(str(head), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
