@@ -470,22 +470,43 @@ def resolve_lm(model: str, gguf_file: str | None) -> tuple[Path, str | None]:
             raise ModelNotAvailable(
                 f"{model!r} is a file but not a .gguf; give a transformers model folder "
                 f"(config.json + weights) or a .gguf file")
+        _check_gguf(path)
         return path.parent, path.name
     if gguf_file:
         if not (path / gguf_file).exists():
             found = sorted(p.name for p in path.glob("*.gguf"))
             raise ModelNotAvailable(
                 f"{model!r} has no GGUF file {gguf_file!r}; it has: {', '.join(found) or 'none'}")
+        _check_gguf(path / gguf_file)
         return path, gguf_file
     if (path / "config.json").exists():
         return path, None
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
+        _check_gguf(path / ggufs[0])
         return path, ggufs[0]
     raise ModelNotAvailable(
         f"{str(path)!r} (from {model!r}) is not a transformers model folder (no config.json)"
         + (f"; it has several GGUF files ({', '.join(ggufs)}): pick one with gguf_file"
            if ggufs else " and has no .gguf file"))
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a file that cannot be GGUF before transformers tries (its errors for an empty
+    or text file come from deep inside the reader): GGUF files start with ``GGUF``."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelNotAvailable(f"{str(path)!r} is empty (0 bytes): the download or copy did "
+                                f"not finish; fetch the model again")
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    if head.startswith(b"version https://git-lfs"):
+        raise ModelNotAvailable(f"{str(path)!r} is a Git LFS pointer, not the model: run "
+                                f"`git lfs pull` in its clone, or download the file itself")
+    if not head.startswith(b"GGUF") or size < 24:
+        raise ModelNotAvailable(
+            f"{str(path)!r} is not a GGUF file (it starts with {head[:8]!r}, not b'GGUF'): "
+            f"give a .gguf model, or a transformers model folder (config.json + weights)")
 
 
 def _download_gguf(uri: str, rest: str, gguf_file: str) -> tuple[Path, str]:
@@ -778,9 +799,13 @@ def _load_lm_quietly(folder: Path, gguf: str | None, tok_src: tuple[Path, str | 
         raise ModelNotAvailable(
             f"loading {uri!r} needs a missing library: {exc}. GGUF files need gguf and "
             f"accelerate: pip install 'omniframe[cascade]'") from exc
-    except (OSError, ValueError) as exc:
-        raise ModelNotAvailable(f"could not load the LM {uri!r}: {type(exc).__name__}: {exc}"
-                                ) from exc
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as exc:
+        # missing/damaged files, an unknown architecture, weights of the wrong shape, a
+        # truncated GGUF: the message names the model; the cause is chained
+        hint = (f". {gguf!r} may be cut short or damaged (a GGUF file's tensors must all be "
+                f"there): fetch it again" if gguf else "")
+        raise ModelNotAvailable(f"could not load the LM {uri!r}: {type(exc).__name__}: "
+                                f"{str(exc).strip()[:2000]}{hint}") from exc
     check_finite(model, uri)
     if converted is not None:
         try:

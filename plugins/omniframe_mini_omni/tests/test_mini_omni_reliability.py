@@ -174,3 +174,11 @@ async def test_a_text_longer_than_the_context_is_refused_for_that_turn(resources
     assert len(errors) == 1 and "3003 positions" in errors[0].message
     assert [f.reason for f in result.frames if isinstance(f, EndOfTurnFrame)][0] == "error"
     assert len([f for f in result.frames if isinstance(f, EndOfTurnFrame)]) == 2
+
+
+def test_a_broken_tokenizer_json_is_a_checkpoint_error(folder: Path) -> None:
+    (folder / "tokenizer.json").write_text("{\"model\": ")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json cannot be read as a tokenizer.*"
+                                              r"Restore it.*tokenizer=/path/tokenizer.json"):
+        load_mini_omni(folder)
+    assert load_mini_omni(folder, load_tokenizer=False).tokenizer is None
