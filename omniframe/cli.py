@@ -73,13 +73,15 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def check_files(cfg: PipelineConfig, label: str, record: str | None = None,
-                input_path: str | None = None, output_path: str | None = None) -> None:
+                input_path: str | None = None, output_path: str | None = None,
+                config: str | None = None) -> None:
     """Before a run: every file the pipeline writes (sinks' ``output_option``, ``--record``)
-    must be writable and must not be a file it reads (the source's ``input_option``).
-    ``input_path``/``output_path``: the ``--input``/``--output`` values, to name them."""
+    must be writable and must not be a file it reads (the source's ``input_option``, the
+    ``config`` file). ``input_path``/``output_path``: the ``--input``/``--output`` values,
+    to name them."""
     from omniframe.config import resolve_stages, short_repr
 
-    reads: list[tuple[str, str]] = []
+    reads: list[tuple[str, str]] = [("the config", config)] if config else []
     writes: list[tuple[str, str]] = []
     for r in resolve_stages(cfg, label):
         opt_in = getattr(r.cls, "input_option", None)
@@ -124,7 +126,7 @@ def prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
     :func:`check_files` (with ``record``, the ``--record`` file), for a run."""
     cfg, label = _prepare_config(config, overrides, input_path, output_path, realtime)
     if check:
-        check_files(cfg, label, record, input_path, output_path)
+        check_files(cfg, label, record, input_path, output_path, config)
     return cfg, label
 
 

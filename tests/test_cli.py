@@ -145,6 +145,10 @@ def test_output_equal_to_input_is_refused(runner: CliRunner, tmp_path: Path,
     res = runner.invoke(cli, ["run", str(cfg), "--output", "q.wav"])
     assert "is also the input file (source.options.path)" in one_error_line(res)
     assert wav.read_bytes() == before
+    text = cfg.read_text()
+    res = runner.invoke(cli, ["run", str(cfg), "--record", "file.yaml"])
+    assert "is also the input file (the config)" in one_error_line(res)
+    assert cfg.read_text() == text
 
 
 def test_unwritable_outputs_are_refused_before_anything_runs(
