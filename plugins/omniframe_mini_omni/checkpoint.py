@@ -294,10 +294,18 @@ def save_checkpoint(
     }
     if config.tie_word_embeddings:
         state_dict[_HEAD] = state_dict[_WTE].clone()  # stored twice, like the release
+    # each file is written beside its final name and renamed, so an interrupted save never
+    # leaves a short lit_model.pth or model_config.yaml that looks complete
     tmp = folder / (WEIGHTS_FILE + ".tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    config.to_yaml(folder / CONFIG_FILE)
+    try:
+        torch.save(state_dict, tmp)
+        os.replace(tmp, folder / WEIGHTS_FILE)
+        tmp = folder / (CONFIG_FILE + ".tmp")
+        config.to_yaml(tmp)
+        os.replace(tmp, folder / CONFIG_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     for f in tokenizer_files:
         f = Path(f)
         if not f.is_file():

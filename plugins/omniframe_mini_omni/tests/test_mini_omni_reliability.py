@@ -182,3 +182,19 @@ def test_a_broken_tokenizer_json_is_a_checkpoint_error(folder: Path) -> None:
                                               r"Restore it.*tokenizer=/path/tokenizer.json"):
         load_mini_omni(folder)
     assert load_mini_omni(folder, load_tokenizer=False).tokenizer is None
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(folder: Path, tiny_model: GPT,
+                                                             monkeypatch) -> None:
+    before = (folder / "lit_model.pth").read_bytes()
+
+    def interrupted(obj, f, *args, **kwargs) -> None:
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tiny_model, tiny_model.config, folder)
+    assert (folder / "lit_model.pth").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json"]
