@@ -16,6 +16,7 @@ a two-hour recording plays with a few MB, not the GB its decoded samples would t
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -194,7 +195,8 @@ class _ArraySource(Stage):
             async for frame in self._frames(it, n, rate, realtime):
                 yield frame
         finally:
-            it.close()  # closes the file being read
+            with contextlib.suppress(ValueError):  # a read abandoned in its thread
+                it.close()  # closes the file being read
 
     async def _frames(self, it: Iterator[Any], n: int, rate: int,
                       realtime: bool) -> AsyncIterator[AudioFrame]:

@@ -185,3 +185,39 @@ def test_zero_samples_and_an_empty_file(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(AudioError, match=r"empty.wav' is empty \(0 bytes\)"):
         open_input(empty)
+
+
+async def test_a_microphone_delivering_nan_is_refused_by_the_same_rule(monkeypatch) -> None:
+    import threading
+    import types
+
+    from omniframe_audio import sources
+
+    class Stream:
+        def __init__(self, callback, blocksize, **kwargs) -> None:
+            self.callback, self.n = callback, blocksize
+
+        def __enter__(self) -> Stream:
+            def feed() -> None:
+                for i in range(5):
+                    x = np.full((self.n, 1), 0.1, np.float32)
+                    if i == 3:
+                        x[7, 0] = np.nan
+                    self.callback(x, self.n, None, None)
+            threading.Thread(target=feed, daemon=True).start()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    sd = types.SimpleNamespace(
+        query_devices=lambda: [{"name": "fake mic", "max_input_channels": 1,
+                                "max_output_channels": 0, "default_samplerate": 16000}],
+        default=types.SimpleNamespace(device=(0, 0)),
+        check_input_settings=lambda **kw: None, InputStream=Stream)
+    monkeypatch.setattr(sources, "import_sounddevice", lambda purpose: sd)
+    src = make_stage(sources.MicSource, max_seconds=1.0)
+    with pytest.raises(StageError, match=r"input device 0 delivered NaN or infinite samples at "
+                                         r"0.060 s.*options.device"):
+        with anyio.fail_after(20):
+            await Pipeline([src]).run()
