@@ -45,6 +45,15 @@ def unwritable(path: str | Path) -> str | None:
 
     p = Path(path).expanduser()
     shown = short_repr(str(path))
+    try:
+        return _unwritable(p, shown)
+    except OSError as exc:  # a name too long for the file system, a symlink loop, ...
+        return f"cannot write {shown}: {exc.strerror or exc}"
+
+
+def _unwritable(p: Path, shown: str) -> str | None:
+    from omniframe.config import short_repr
+
     if p.is_dir():
         return f"{shown} is a folder; give a file name in it"
     if p.exists():
@@ -292,7 +301,9 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
     except PipelineError as exc:
         _fail(str(exc))
     except OSError as exc:  # --record could not be created after all (a race, a full disk)
-        _fail(f"cannot write {exc.filename or record!r}: {exc.strerror or exc}")
+        from omniframe.config import short_repr
+
+        _fail(f"cannot write {short_repr(exc.filename or record)}: {exc.strerror or exc}")
     try:
         result = anyio.run(pipeline.run)
     except StageError as exc:

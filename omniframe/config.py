@@ -329,15 +329,15 @@ def read_yaml(path: str | Path) -> Any:
     """Read a YAML file with errors that give the file, line and column and say what to do."""
     p = Path(path)
     name = str(p)
-    if not p.exists():
-        raise ConfigError([("<file>", f"config file {short_repr(name)} does not exist")])
-    if p.is_dir():
-        raise ConfigError([("<file>", f"{short_repr(name)} is a folder; give a YAML file "
-                                      f"in it")])
     try:
+        if not p.exists():
+            raise ConfigError([("<file>", f"config file {short_repr(name)} does not exist")])
+        if p.is_dir():
+            raise ConfigError([("<file>", f"{short_repr(name)} is a folder; give a YAML file "
+                                          f"in it")])
         with p.open("rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
-    except OSError as exc:
+    except OSError as exc:  # permissions, a name too long, a symlink loop, ...
         raise ConfigError([("<file>", f"cannot read {short_repr(name)}: "
                                       f"{exc.strerror or exc}")]) from None
     if len(raw) > MAX_YAML_BYTES:

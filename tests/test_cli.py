@@ -172,6 +172,16 @@ def test_unwritable_outputs_are_refused_before_anything_runs(
     assert "--output: cannot write" in one_error_line(res)
 
 
+def test_names_too_long_for_the_file_system(runner: CliRunner, tmp_path: Path) -> None:
+    long = str(tmp_path / ("a" * 5000))
+    res = runner.invoke(cli, ["run", "-o", long + ".wav"])
+    err = one_error_line(res)
+    assert "--output: cannot write" in err and "(5" in err and "chars)" in err
+    assert len(err) < 600
+    res = runner.invoke(cli, ["run", long + ".yaml"])
+    assert "cannot read" in one_error_line(res) and len(res.stderr) < 600
+
+
 def test_record_and_schema_folders_are_created(runner: CliRunner, tmp_path: Path) -> None:
     rec = tmp_path / "new" / "r.jsonl"
     res = runner.invoke(cli, ["run", "--record", str(rec), "-o", str(tmp_path / "a.wav")])
