@@ -255,6 +255,9 @@ class Harness:
 
         try:
             data = self._raw_pipeline(entry)
+            if not isinstance(data, dict):
+                raise HarnessError(f"pipeline {entry.name!r}: {entry.label} holds a "
+                                   f"{type(data).__name__}, not a mapping with a 'pipeline' list")
             overrides = [*entry.overrides, *(extra or [])]
             if overrides:
                 data = apply_overrides(data, overrides)
@@ -302,7 +305,8 @@ class Harness:
             text = json.dumps(entry.config, sort_keys=True)
         else:
             path = self.cfg.resolve_path(entry.config)
-            text = path.read_text() if path.is_file() else f"<missing {path}>"
+            text = (path.read_bytes().decode("utf-8", "replace") if path.is_file()
+                    else f"<missing {path}>")
         return _sha({
             "pipeline_yaml": text,
             "code": self._stage_code(entry), "entry": entry.model_dump(), "mode": self.cfg.mode,

@@ -274,3 +274,21 @@ def test_any_eval_override_is_applied_or_explained(override: str) -> None:
         assert "\n" not in str(exc)
         return
     assert isinstance(out, dict)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"- a\n- list\n", "holds a list, not a mapping with a 'pipeline' list"),
+    (b"just text\n", "holds a str, not a mapping"),
+    ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    (b"pipeline: &a [*a]\n", "recursive"),
+])
+def test_a_hostile_pipeline_file_stops_the_eval_up_front(tiny_audio: Path, tmp_path: Path,
+                                                         content: bytes, expected: str) -> None:
+    man = write_manifest(tiny_audio)
+    (tmp_path / "bad.yaml").write_bytes(content)
+    ev = write_eval(tmp_path, man, [{"name": "bad", "config": "bad.yaml"}])
+    res = CliRunner().invoke(_cli(), ["eval", str(ev), "--out", str(tmp_path / "run"),
+                                      "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "pipeline 'bad'" in res.stderr and expected in res.stderr
+    assert "Traceback" not in res.output and not (tmp_path / "run").exists()
