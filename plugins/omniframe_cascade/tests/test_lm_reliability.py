@@ -288,3 +288,4 @@ def test_a_folder_with_config_but_no_weights(tiny_folder: Path, tmp_path: Path) 
     _weights(folder).unlink()
     with pytest.raises(ModelNotAvailable, match=r"could not load the LM 'nw'"):
         lm_mod._load_lm_quietly(folder, None, None, "float32", "cpu", "nw", None)
+
