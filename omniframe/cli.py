@@ -415,14 +415,31 @@ def config_schema_cmd(output: str | None) -> None:
 _commands_added = False
 
 
+def add_plugin_commands(group: click.Group) -> list[str]:
+    """Let each plugin add its commands to ``group``. A plugin whose hook fails is skipped,
+    so that every other command still works; returns what went wrong, one line each."""
+    from omniframe.config import clip
+    from omniframe.plugins import load_plugins, pm
+
+    load_plugins()
+    problems = []
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's call order
+        try:
+            impl.function(cli=group)
+        except Exception as exc:
+            problems.append(
+                f"plugin {impl.plugin_name!r} could not add its commands: "
+                f"{type(exc).__name__}: {clip(str(exc))}. Update or reinstall it, or leave it "
+                f"out with OMNIFRAME_LOAD_PLUGINS=<the plugins you want>.")
+    return problems
+
+
 def _add_plugin_commands() -> None:
     global _commands_added
     if _commands_added:
         return
-    from omniframe.plugins import load_plugins, pm
-
-    load_plugins()
-    pm.hook.register_commands(cli=cli)
+    for problem in add_plugin_commands(cli):
+        click.echo(f"warning: {problem}", err=True)
     _commands_added = True
 
 

@@ -255,6 +255,29 @@ def test_a_plugin_clash_is_one_error_line(runner: CliRunner) -> None:
             unregister_plugin(name)
 
 
+def test_a_plugin_whose_commands_fail_is_skipped_with_a_warning() -> None:
+    import click
+
+    from omniframe import hookimpl
+    from omniframe.cli import add_plugin_commands
+    from omniframe.plugins import register_plugin, unregister_plugin
+
+    def broken(cli: object) -> None:
+        raise AttributeError("'Group' object has no attribute 'add_comand'")
+
+    register_plugin(SimpleNamespace(register_commands=hookimpl(broken, specname=
+                                                               "register_commands")), "broken")
+    try:
+        group = click.Group()
+        problems = add_plugin_commands(group)
+    finally:
+        unregister_plugin("broken")
+    assert problems == ["plugin 'broken' could not add its commands: AttributeError: 'Group' "
+                        "object has no attribute 'add_comand'. Update or reinstall it, or leave "
+                        "it out with OMNIFRAME_LOAD_PLUGINS=<the plugins you want>."]
+    assert "eval" in group.commands  # the other plugins' commands are there
+
+
 @pytest.fixture(autouse=True)
 def _reset_logging() -> object:
     import structlog
