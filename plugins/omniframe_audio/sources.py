@@ -96,6 +96,10 @@ def open_input(path: str | Path) -> AudioInput:
         raise AudioError(f"audio file {_where(p)} does not exist")
     if p.is_dir():
         raise AudioError(f"{_where(p)} is a folder, not an audio file")
+    if not p.is_file():  # a FIFO would block the header read forever
+        raise AudioError(f"{_where(p)} is not a regular file (a device, pipe or socket); the "
+                         f"file source reads it twice (checks, then playback): save the audio "
+                         f"to a file first")
     if p.stat().st_size == 0:
         raise AudioError(f"audio file {_where(p)} is empty (0 bytes)")
     try:

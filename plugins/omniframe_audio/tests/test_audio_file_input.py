@@ -221,3 +221,14 @@ async def test_a_microphone_delivering_nan_is_refused_by_the_same_rule(monkeypat
                                          r"0.060 s.*options.device"):
         with anyio.fail_after(20):
             await Pipeline([src]).run()
+
+
+def test_a_pipe_or_device_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    with pytest.raises(AudioError, match="pipe.wav' is not a regular file"):
+        open_input(fifo)
+    with pytest.raises(AudioError, match="'/dev/zero' is not a regular file"):
+        open_input("/dev/zero")
