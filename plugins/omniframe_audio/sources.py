@@ -185,6 +185,7 @@ class _ArraySource(Stage):
 
     _samples: Any = None
     _rate: int = 16000
+    _blocking = False  # True: pieces() blocks (reads files), so it runs in a worker thread
 
     def pieces(self) -> Iterator[Any]:
         """The stream, as float32 mono pieces of any length (default: one array)."""
@@ -199,8 +200,10 @@ class _ArraySource(Stage):
             async for frame in self._frames(it, n, rate, realtime):
                 yield frame
         finally:
-            with contextlib.suppress(ValueError):  # a read abandoned in its thread
-                it.close()  # closes the file being read
+            close = getattr(it, "close", None)  # a generator: closes the file being read
+            if close is not None:
+                with contextlib.suppress(ValueError):  # a read abandoned in its thread
+                    close()
 
     async def _frames(self, it: Iterator[Any], n: int, rate: int,
                       realtime: bool) -> AsyncIterator[AudioFrame]:
@@ -231,8 +234,6 @@ class _ArraySource(Stage):
                 start = end
             if last:
                 return
-
-    _blocking = False  # pieces() reads files: advance it in a worker thread
 
 
 class FileSource(_ArraySource):
@@ -304,13 +305,15 @@ class FileSource(_ArraySource):
         opts = self.options
         rate = self._rate
 
-        def silence(seconds: float) -> Any:
-            return np.zeros(int(round(seconds * rate)), dtype=np.float32)
+        def silence(seconds: float) -> Iterator[Any]:  # in blocks: up to an hour is allowed
+            n, block = int(round(seconds * rate)), int(BLOCK_S * rate)
+            for start in range(0, n, block):
+                yield np.zeros(min(block, n - start), dtype=np.float32)
 
-        yield silence(opts.start_silence_s)  # type: ignore[attr-defined]
+        yield from silence(opts.start_silence_s)  # type: ignore[attr-defined]
         for i, src in enumerate(self._inputs):
             if i:
-                yield silence(opts.gap_s)  # type: ignore[attr-defined]
+                yield from silence(opts.gap_s)  # type: ignore[attr-defined]
             got = 0
             for block in read_blocks(src, rate):
                 got += len(block)
@@ -320,7 +323,7 @@ class FileSource(_ArraySource):
                 self.log.warning("input_shorter_than_header", path=str(src.path),
                                  seconds=round(got / rate, 3),
                                  header_seconds=round(src.seconds, 3))
-        yield silence(opts.tail_silence_s)  # type: ignore[attr-defined]
+        yield from silence(opts.tail_silence_s)  # type: ignore[attr-defined]
 
 
 PatternPart = tuple[Literal["speech", "silence"], Annotated[float, Field(gt=0, le=3600)]]

@@ -232,3 +232,18 @@ def test_a_pipe_or_device_is_refused_without_blocking(tmp_path: Path) -> None:
         open_input(fifo)
     with pytest.raises(AudioError, match="'/dev/zero' is not a regular file"):
         open_input("/dev/zero")
+
+
+async def test_an_hour_of_added_silence_comes_in_blocks(tmp_path: Path) -> None:
+    from omniframe_audio.sources import BLOCK_S
+
+    path = tmp_path / "x.wav"
+    sf.write(path, tone(0.5, 200, 16000), 16000)
+    src = make_stage(FileSource, path=path, start_silence_s=3600, tail_silence_s=3600)
+    await src.setup()
+    total = biggest = 0
+    for piece in src.pieces():
+        total += len(piece)
+        biggest = max(biggest, len(piece))
+    assert total == (7200 + 0.5) * 16000
+    assert biggest <= BLOCK_S * 16000
