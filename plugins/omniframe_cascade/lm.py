@@ -715,10 +715,14 @@ def load_cached(folder: Path, load: Callable[[], Any]) -> Any | None:
     except NonFiniteWeights as exc:
         _discard(folder, str(exc))
         return None
-    except Exception:
+    except Exception as exc:
         problem = cache_problem(folder)
         if problem is None:
-            raise
+            raise ModelNotAvailable(
+                f"loading the de-quantized copy in {str(folder)!r} failed: "
+                f"{type(exc).__name__}: {exc}. Its files check out, so it was kept (this is "
+                f"not a damaged cache); to rebuild it anyway, delete that folder, or set "
+                f"convert_cache: false") from exc
         _discard(folder, problem)
         return None
 
