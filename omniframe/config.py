@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,17 @@ def _stage_names(stages: list[tuple[Any, Any, Any]]) -> list[str]:
     return [str(n) if n else str(k) if kinds.count(k) == 1 else str(p) for n, k, p in stages]
 
 
+def _non_finite(value: Any, path: str = "") -> list[str]:
+    """Where NaN or an infinity hides in nested config data (``.nan``/``.inf`` in YAML)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path or 'the value'} is {value}"]
+    if isinstance(value, dict):
+        return [w for k, v in value.items() for w in _non_finite(v, f"{path}.{k}".lstrip("."))]
+    if isinstance(value, list | tuple):
+        return [w for i, v in enumerate(value) for w in _non_finite(v, f"{path}[{i}]")]
+    return []
+
+
 class StageSpec(BaseModel):
     """One stage of a pipeline in a config."""
 
@@ -117,6 +129,15 @@ class StageSpec(BaseModel):
     name: str | None = Field(
         default=None, description="name in this pipeline (for --set and logs); default: kind")
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = _non_finite(v)
+        if bad:  # a stage would sleep forever on .inf, or compare NaN as never reached
+            raise ValueError(f"{', '.join(bad[:5])}: options take finite numbers (null "
+                             f"where a stage allows no limit)")
+        return v
 
 
 class PipelineConfig(BaseModel):

@@ -378,3 +378,17 @@ def test_set_finds_stages_by_their_name_in_a_config_still_invalid() -> None:
     data["buffr"] = 3
     out = apply_overrides(data, ["wav.options.path=a.wav", "null.options={}"])
     assert out["pipeline"][5]["options"] == {"path": "a.wav"}
+
+
+@pytest.mark.parametrize(("value", "where"), [
+    (".nan", "token_delay_s is nan"), (".inf", "token_delay_s is inf"),
+    ("-.inf", "token_delay_s is -inf"), ("[1, .inf]", "token_delay_s[1] is inf"),
+    ("{a: {b: .nan}}", "token_delay_s.a.b is nan"),
+])
+def test_nan_and_infinite_options_are_refused(value: str, where: str) -> None:
+    """``token_delay_s: .inf`` made the echo LM sleep forever; NaN fails every comparison."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(apply_overrides(ECHO, [f"lm.options.token_delay_s={value}"]))
+    msg = dict(info.value.problems)["pipeline[2].options"]
+    assert msg.startswith(where) and "options take finite numbers" in msg
+    assert parse_config(apply_overrides(ECHO, ["lm.options.token_delay_s=1e300"]))
