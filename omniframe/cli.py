@@ -268,7 +268,16 @@ def cli(verbose: int, log_json: bool | None) -> None:
 def run(config: str | None, input_path: str | None, output_path: str | None,
         overrides: tuple[str, ...], realtime: bool | None, as_json: bool,
         record: str | None) -> None:
-    """Run a pipeline CONFIG (default: a built-in torch-free demo) and stream its answers."""
+    """Run a pipeline CONFIG (default: a built-in torch-free demo) and stream its answers.
+
+    \b
+    Files are checked before anything runs: the outputs (--output, --record, the sinks'
+    paths) must be writable and must not be the input or the config. Exit status:
+      0  the run ended
+      1  a stage failed (its error is printed)
+      2  bad command line or config: nothing ran
+      130  interrupted (128 + the signal's number)
+    """
     import anyio
 
     from omniframe.config import build_pipeline

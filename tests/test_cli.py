@@ -255,6 +255,12 @@ def test_a_plugin_clash_is_one_error_line(runner: CliRunner) -> None:
             unregister_plugin(name)
 
 
+def test_run_help_gives_the_exit_status(runner: CliRunner) -> None:
+    text = " ".join(runner.invoke(cli, ["run", "--help"]).output.split())
+    assert "Exit status: 0 the run ended 1 a stage failed" in text
+    assert "2 bad command line or config: nothing ran" in text
+
+
 def test_a_plugin_whose_commands_fail_is_skipped_with_a_warning() -> None:
     import click
 
