@@ -130,6 +130,21 @@ class StageSpec(BaseModel):
         default=None, description="name in this pipeline (for --set and logs); default: kind")
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        bad = sorted(set(v) & set(".[]=:\n"))
+        if not v.strip() or bad or v != v.strip():
+            why = f"has {' '.join(repr(c) for c in bad)}" if bad else "is blank or padded"
+            raise ValueError(f"stage name {short_repr(v)} {why}, so --set could not reach it; "
+                             f"use letters, digits, '-' and '_'")
+        if v in PipelineConfig.model_fields:
+            raise ValueError(f"stage name {v!r} is a top-level config key, so --set {v}.… "
+                             f"would set that key; choose another name")
+        return v
+
     @field_validator("options")
     @classmethod
     def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -392,3 +392,20 @@ def test_nan_and_infinite_options_are_refused(value: str, where: str) -> None:
     msg = dict(info.value.problems)["pipeline[2].options"]
     assert msg.startswith(where) and "options take finite numbers" in msg
     assert parse_config(apply_overrides(ECHO, ["lm.options.token_delay_s=1e300"]))
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("a.b", "has '.'"), ("x[1]", "has '[' ']'"), ("k=v", "has '='"), ("cascade:lm", "has ':'"),
+    (" lm", "is blank or padded"), ("", "is blank or padded"),
+    ("device", "is a top-level config key"), ("pipeline", "is a top-level config key"),
+])
+def test_stage_names_that_set_could_not_reach_are_refused(name: str, expected: str) -> None:
+    data = copy.deepcopy(ECHO)
+    data["pipeline"][2]["name"] = name
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert expected in dict(info.value.problems)["pipeline[2].name"]
+    data["pipeline"][2]["name"] = "my-lm_2"
+    assert parse_config(data).stage_names()[2] == "my-lm_2"
+    assert apply_overrides(data, ["my-lm_2.options.prefix=x"])["pipeline"][2]["options"] == {
+        "prefix": "x"}
