@@ -154,15 +154,19 @@ async def test_a_turn_that_leaves_too_few_positions_is_capped_with_a_warning(
     assert [f.turn for f in result.frames if isinstance(f, EndOfTurnFrame)] == [1]
 
 
-async def test_random_weights_decode_at_most_256_steps_by_default(resources, caplog):
-    lm = _lm(resources, task="A1T2", temperature=0.0)
+async def test_random_weights_decode_at_most_256_steps_by_default(resources, caplog,
+                                                                   tmp_path: Path):
+    trace = tmp_path / "steps.jsonl"
+    lm = _lm(resources, task="A1T2", temperature=0.0, trace=str(trace))
     with caplog.at_level(logging.INFO):
         result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(5, 768),
                                                        frame_rate=50, turn=1)], timeout=120)
     assert lm.options.max_new_tokens == RANDOM_MAX_NEW_TOKENS
     assert "max_new_tokens defaults to 256" in caplog.text
     ends = [f for f in result.frames if isinstance(f, EndOfTurnFrame)]
-    assert ends and ends[0].reason in ("max_tokens", "completed")
+    steps = len(trace.read_text().splitlines())
+    assert ends and (ends[0].reason, steps) in (("max_tokens", 256), ("completed", steps))
+    assert steps <= 256  # not the 2040 positions the context leaves
     assert _lm(resources, max_new_tokens=3000).options.max_new_tokens == 3000  # set: kept
 
 
