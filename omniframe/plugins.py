@@ -113,10 +113,12 @@ def load_plugins() -> None:
             try:
                 module = ep.load()
             except Exception as exc:
+                from omniframe.config import clip
+
                 raise PluginError(
                     f"plugin {ep.name!r} ({ep.value}, from {dist or 'unknown distribution'}) "
-                    f"failed to import: {type(exc).__name__}: {exc}. Reinstall it, or leave it "
-                    f"out with OMNIFRAME_LOAD_PLUGINS=<the plugins you want>."
+                    f"failed to import: {type(exc).__name__}: {clip(str(exc))}. Reinstall it, "
+                    f"or leave it out with OMNIFRAME_LOAD_PLUGINS=<the plugins you want>."
                 ) from exc
             pm.register(module, name=ep.name)
             _infos[ep.name] = PluginInfo(
@@ -237,9 +239,11 @@ def _call_hook(impl: Any, hook: str, register: Callable[..., None]) -> None:
     except PluginError:
         raise
     except Exception as exc:
+        from omniframe.config import clip
+
         raise PluginError(
             f"plugin {impl.plugin_name!r} failed in its {hook} hook: {type(exc).__name__}: "
-            f"{exc}. Update or reinstall it, or leave it out with "
+            f"{clip(str(exc))}. Update or reinstall it, or leave it out with "
             f"OMNIFRAME_LOAD_PLUGINS=<the plugins you want>."
         ) from exc
 

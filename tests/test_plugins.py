@@ -105,6 +105,22 @@ def test_a_plugin_hook_that_raises_is_a_plugin_error_naming_it(hook: str) -> Non
     assert get_registry().stage("lm", "echo")
 
 
+def test_a_huge_plugin_error_message_is_cut() -> None:
+    from omniframe import hookimpl
+
+    def broken(register: object) -> None:
+        raise ValueError("x" * 100_000)
+
+    register_plugin(SimpleNamespace(register_stages=hookimpl(broken, specname="register_stages")),
+                    "broken")
+    try:
+        with pytest.raises(PluginError) as info:
+            get_registry()
+    finally:
+        unregister_plugin("broken")
+    assert "… (100000 chars)" in str(info.value) and len(str(info.value)) < 500
+
+
 def run_py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120)
