@@ -122,6 +122,14 @@ def open_input(path: str | Path) -> AudioInput:
     return AudioInput(p, rate, frames, channels, str(info.subtype))
 
 
+_BLOCK_SAMPLES = 1 << 21  # at most this many samples (8 MB as float32) read at a time
+
+
+def _block_frames(src: AudioInput, block_s: float) -> int:
+    """Frames per read: ``block_s`` of audio, fewer for files with very many channels."""
+    return max(1024, min(int(block_s * src.rate), _BLOCK_SAMPLES // src.channels))
+
+
 def _blocks(src: AudioInput, block_frames: int) -> Iterator[Any]:
     """The file's samples as mono float32 blocks of ``block_frames`` (the last shorter)."""
     import soundfile as sf
@@ -145,7 +153,7 @@ def check_finite(src: AudioInput) -> None:
     PCM cannot hold them). Reads the file once in blocks, without keeping it."""
     if src.subtype not in _FLOAT_SUBTYPES:
         return
-    block = max(4096, int(BLOCK_S * src.rate))
+    block = _block_frames(src, BLOCK_S)
     done = 0
     for x in _blocks(src, block):
         bad = ~np.isfinite(x)
@@ -165,7 +173,7 @@ def read_blocks(src: AudioInput, rate: int, block_s: float = BLOCK_S) -> Iterato
     resampling the whole file at once (:func:`omniframe.audio.resample`)."""
     from omniframe_audio.resampling import StreamResampler
 
-    block = max(4096, int(block_s * src.rate))
+    block = _block_frames(src, block_s)
     rs = None if src.rate == rate else StreamResampler(src.rate, rate)
     for x in _blocks(src, block):
         y = x if rs is None else rs.push(x)

@@ -247,3 +247,16 @@ async def test_an_hour_of_added_silence_comes_in_blocks(tmp_path: Path) -> None:
         biggest = max(biggest, len(piece))
     assert total == (7200 + 0.5) * 16000
     assert biggest <= BLOCK_S * 16000
+
+
+def test_a_file_with_hundreds_of_channels_is_read_in_small_blocks(tmp_path: Path) -> None:
+    from omniframe_audio import sources
+
+    path = tmp_path / "many.wav"
+    sf.write(path, noise(0.5, 48000, 256), 48000, subtype="PCM_16")
+    src = open_input(path)
+    assert src.channels == 256
+    assert sources._block_frames(src, 2.0) * 256 <= sources._BLOCK_SAMPLES
+    out = np.concatenate(list(read_blocks(src, 16000)))
+    whole, _ = read_audio(path, 16000)
+    assert len(out) == len(whole) == 8000 and np.abs(out - whole).max() < 1e-5
