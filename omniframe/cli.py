@@ -184,6 +184,13 @@ def _prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
     return parse_config(data, label), label
 
 
+def _construction_failed(exc: Exception, label: str) -> str:
+    from omniframe.config import clip
+
+    return (f"a stage of {label} could not be created: {type(exc).__name__}: "
+            f"{clip(str(exc))} (a bug in its plugin: update it, or report it to its authors)")
+
+
 class _Printer:
     """Prints the conversation as it streams, and one metrics line per turn."""
 
@@ -282,7 +289,9 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
 
     from omniframe.config import build_pipeline
     from omniframe.pipeline import PipelineError, StageError
+    from omniframe.plugins import PluginError
 
+    label = config or f"built-in {DEFAULT_CONFIG}"
     try:
         cfg, label = prepare_config(config, overrides, input_path, output_path, realtime,
                                     record=record, check=True)
@@ -313,6 +322,10 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
         from omniframe.config import short_repr
 
         _fail(f"cannot write {short_repr(exc.filename or record)}: {exc.strerror or exc}")
+    except PluginError:
+        raise  # one error line, from the command group
+    except Exception as exc:  # a stage's constructor failed: a plugin bug, one line
+        _fail(_construction_failed(exc, label), 1)
     try:
         result = anyio.run(pipeline.run)
     except StageError as exc:
@@ -342,12 +355,18 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
 def validate(config: str, overrides: tuple[str, ...]) -> None:
     """Check CONFIG: shape, every stage's options, and that the stages fit together."""
     from omniframe.config import build_pipeline
+    from omniframe.plugins import PluginError
 
+    label = config
     try:
         cfg, label = prepare_config(config, overrides)
         build_pipeline(cfg, source=label)
     except ConfigError as exc:
         _fail(str(exc))
+    except PluginError:
+        raise  # one error line, from the command group
+    except Exception as exc:  # a stage's constructor failed: a plugin bug, one line
+        _fail(_construction_failed(exc, label), 1)
     names = cfg.stage_names()
     chain = " -> ".join(f"{n} ({s.kind}:{s.plugin})" for n, s in zip(names, cfg.pipeline,
                                                                        strict=True))

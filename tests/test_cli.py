@@ -255,6 +255,35 @@ def test_a_plugin_clash_is_one_error_line(runner: CliRunner) -> None:
             unregister_plugin(name)
 
 
+def test_a_stage_whose_constructor_fails_is_one_error_line(runner: CliRunner,
+                                                            tmp_path: Path) -> None:
+    from omniframe_echo.stages import EchoLM
+
+    from omniframe import hookimpl
+    from omniframe.plugins import register_plugin, unregister_plugin
+
+    class BrokenLM(EchoLM):
+        name = "broken-lm"
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise KeyError("model_path")
+
+    register_plugin(SimpleNamespace(register_stages=hookimpl(
+        lambda register: register(BrokenLM), specname="register_stages")), "brokenlm")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(DEMO.read_text().replace("plugin: echo\n  - kind: codec",
+                                            "plugin: broken-lm\n  - kind: codec"))
+    try:
+        for cmd in (["run", str(cfg), "-o", str(tmp_path / "a.wav")], ["validate", str(cfg)]):
+            res = runner.invoke(cli, cmd)
+            assert res.exit_code == 1, res.output
+            assert "Traceback" not in res.output
+            assert (f"error: a stage of {cfg} could not be created: KeyError: 'model_path' (a "
+                    f"bug in its plugin") in res.stderr
+    finally:
+        unregister_plugin("brokenlm")
+
+
 def test_run_help_gives_the_exit_status(runner: CliRunner) -> None:
     text = " ".join(runner.invoke(cli, ["run", "--help"]).output.split())
     assert "Exit status: 0 the run ended 1 a stage failed" in text
