@@ -409,3 +409,16 @@ def test_stage_names_that_set_could_not_reach_are_refused(name: str, expected: s
     assert parse_config(data).stage_names()[2] == "my-lm_2"
     assert apply_overrides(data, ["my-lm_2.options.prefix=x"])["pipeline"][2]["options"] == {
         "prefix": "x"}
+
+
+keys = st.text(alphabet=st.characters(codec="utf-8", exclude_characters=".[]=",
+                                      exclude_categories=["Cs", "Zs", "Zl", "Zp", "Cc"]),
+               min_size=1, max_size=8)
+
+
+@given(head=keys, rest=st.lists(st.one_of(keys, st.integers(0, 10**6)), max_size=6))
+def test_split_path_reads_back_what_was_written(head: str, rest: list[str | int]) -> None:
+    from omniframe.config import split_path
+
+    path = head + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+    assert split_path(path) == [head, *rest]
