@@ -28,6 +28,10 @@ class ConfigError(ValueError):
 
 # Fields of the official model_config.yaml that must have exactly this value, because the model
 # below hard-codes the corresponding behaviour (litgpt class choices, residual layout, ...).
+MAX_BLOCK_SIZE = 1 << 16
+"""Largest ``block_size`` accepted (the release has 2048): RoPE tables are built for every
+position, so a broken config with 10**12 would exhaust memory instead of failing."""
+
 _FIXED: dict[str, Any] = {
     "mlp_class_name": "LLaMAMLP",  # SwiGLU: fc_1 gate, fc_2 up, proj down
     "norm_class_name": "RMSNorm",
@@ -105,8 +109,23 @@ class Config:
     vision_adapter_dim: int | None = None  # Mini-Omni2 only (CLIP ViT-B/32: 512)
 
     def __post_init__(self) -> None:
+        sizes = ("block_size", "n_layer", "n_embd", "n_head", "n_query_groups", "head_size",
+                 "intermediate_size", "whisper_adapter_dim", "padded_vocab_size",
+                 "text_vocab_size", "audio_vocab_size")
+        wrong = [f"{name}={getattr(self, name)!r} must be an integer" for name in sizes
+                 if type(getattr(self, name)) is not int]
+        wrong += [f"{name}={getattr(self, name)!r} must be a number"
+                  for name in ("norm_eps", "rope_base")
+                  if type(getattr(self, name)) not in (int, float)]
+        if wrong:  # the checks below would fail with a TypeError from deep inside
+            raise ConfigError("invalid Mini-Omni config: " + "; ".join(wrong))
         problems = []
-        if self.n_head % self.n_query_groups:
+        if self.block_size > MAX_BLOCK_SIZE:
+            problems.append(
+                f"block_size={self.block_size} is more than {MAX_BLOCK_SIZE} positions: the "
+                f"RoPE tables and KV cache are sized by it (the release has 2048)"
+            )
+        if self.n_query_groups > 0 and self.n_head % self.n_query_groups:
             problems.append(
                 f"n_head={self.n_head} is not a multiple of n_query_groups={self.n_query_groups}"
             )
@@ -131,8 +150,7 @@ class Config:
             problems.append(
                 "Gemma-style configs (RMSNorm with +1 offset, scaled embeddings) are not supported"
             )
-        for name in ("block_size", "n_layer", "n_embd", "n_head", "n_query_groups", "head_size",
-                     "intermediate_size", "whisper_adapter_dim"):  # fmt: skip
+        for name in sizes[:8]:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:

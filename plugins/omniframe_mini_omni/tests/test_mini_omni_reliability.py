@@ -202,3 +202,20 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(folder: Path, tiny_m
     assert (folder / "lit_model.pth").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == [
         "lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("n_layer", "abc", "n_layer='abc' must be an integer"),
+    ("norm_eps", "tiny", "norm_eps='tiny' must be a number"),
+    ("n_query_groups", 0, "n_query_groups must be positive"),
+    ("block_size", 10**12, "block_size=1000000000000 is more than 65536 positions"),
+])
+def test_a_model_config_with_wrong_values_is_a_clear_error(folder: Path, key: str, value,
+                                                           words: str) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((folder / "model_config.yaml").read_text())
+    cfg[key] = value
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=rf"model_config.yaml.*{re.escape(words)}"):
+        load_mini_omni(folder)
