@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -129,14 +130,35 @@ def check_files(cfg: PipelineConfig, label: str, record: str | None = None,
 def prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
                    input_path: str | None = None, output_path: str | None = None,
                    realtime: bool | None = None, *, record: str | None = None,
-                   check: bool = False) -> tuple[PipelineConfig, str]:
-    """Load a config (the embedded demo when None), apply ``--set``, ``--input``, ``--output``
-    and ``--realtime``. Returns the config and a label for messages. ``check``: also
+                   check: bool = False,
+                   texts: tuple[str, ...] | list[str] = ()) -> tuple[PipelineConfig, str]:
+    """Load a config (the embedded demo when None), apply ``--set``, ``--input``, ``--output``,
+    ``--realtime`` and ``--text``. Returns the config and a label for messages. ``check``: also
     :func:`check_files` (with ``record``, the ``--record`` file), for a run."""
+    if texts:
+        overrides = [*overrides, *_text_overrides(config, overrides, list(texts), input_path)]
     cfg, label = _prepare_config(config, overrides, input_path, output_path, realtime)
     if check:
         check_files(cfg, label, record, input_path, output_path, config)
     return cfg, label
+
+
+def _text_overrides(config: str | None, overrides: tuple[str, ...] | list[str],
+                    texts: list[str], input_path: str | None) -> list[str]:
+    """``--text``: the ``--set`` that gives the texts to the pipeline's text source."""
+    from omniframe.config import resolve_stages
+
+    if input_path is not None:
+        raise ConfigError([("--text", "give --text or --input, not both")], config)
+    cfg, label = _prepare_config(config, overrides, None, None, None)
+    src = resolve_stages(cfg, label)[0]
+    if "text" not in src.cls.Options.model_fields:
+        raise ConfigError([("--text", f"the source {src.spec.plugin!r} does not read text; use "
+                                      f"a config whose source is 'text' (e.g. "
+                                      f"configs/mini_omni_t1t2.yaml), or --set "
+                                      f"pipeline[0].plugin=text if the stages after it take "
+                                      f"text")], label)
+    return [f"{cfg.stage_names()[0]}.options.text={json.dumps(texts)}"]
 
 
 def _prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
@@ -272,9 +294,12 @@ def cli(verbose: int, log_json: bool | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print turn metrics as JSON lines.")
 @click.option("--record", type=click.Path(dir_okay=False), multiple=True, callback=once,
               help="Record every frame that moves (type, stage, turn, times) to a JSONL file.")
+@click.option("--text", "texts", multiple=True, metavar="TEXT",
+              help="Typed user input, one turn each (repeat for more), for a pipeline whose "
+                   "source reads text (source: text, e.g. configs/mini_omni_t1t2.yaml).")
 def run(config: str | None, input_path: str | None, output_path: str | None,
         overrides: tuple[str, ...], realtime: bool | None, as_json: bool,
-        record: str | None) -> None:
+        record: str | None, texts: tuple[str, ...]) -> None:
     """Run a pipeline CONFIG (default: a built-in torch-free demo) and stream its answers.
 
     \b
@@ -294,7 +319,7 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
     label = config or f"built-in {DEFAULT_CONFIG}"
     try:
         cfg, label = prepare_config(config, overrides, input_path, output_path, realtime,
-                                    record=record, check=True)
+                                    record=record, check=True, texts=texts)
         stages_desc = " -> ".join(f"{s.kind}:{s.plugin}" for s in cfg.pipeline)
         click.echo(f"pipeline {cfg.name!r} ({label}): {stages_desc}", err=True)
         text_on_stdout = any(
@@ -313,7 +338,8 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
         recorder = JsonlRecorder(Path(record).expanduser()) if record else None
         if recorder is not None:
             observers.append(recorder)
-        pipeline = build_pipeline(cfg, source=label, observers=observers, collect=False)
+        pipeline = build_pipeline(cfg, source=label, observers=observers, collect=False,
+                                  on_hang=_exit_on_hang)
     except ConfigError as exc:
         _fail(str(exc))
     except PipelineError as exc:
@@ -326,19 +352,33 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
         raise  # one error line, from the command group
     except Exception as exc:  # a stage's constructor failed: a plugin bug, one line
         _fail(_construction_failed(exc, label), 1)
+    from omniframe.interrupts import InterruptGuard, exit_code
+    from omniframe.pipeline import PipelineCancelled
+
+    # the first Ctrl-C cancels the run (stages stop, files are closed); if it has not ended
+    # 1.2 s later (a stage stuck in C code), or on a second Ctrl-C, the process exits at once
+    guard = InterruptGuard(grace=1.2, describe=pipeline.busy)
+
+    async def main() -> Any:
+        guard.attach(lambda: pipeline.cancel("interrupted"))
+        return await pipeline.run()
+
     try:
-        result = anyio.run(pipeline.run)
+        with guard:
+            result = anyio.run(main)
+    except PipelineCancelled:
+        click.echo("interrupted", err=True)
+        sys.exit(exit_code(guard.signum or 2))
     except StageError as exc:
-        if recorder is not None:
-            recorder.close()
         _fail(str(exc), 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # raised by a stage, or Ctrl-C outside the guard
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # a plugin bug: still one readable line, then the details
-        _fail(f"{type(exc).__name__}: {exc}", 1)
-    if recorder is not None:
-        recorder.close()
+    except Exception as exc:  # a plugin bug: still one readable line
+        _fail(f"{type(exc).__name__}: {str(exc)[:2000]}", 1)
+    finally:
+        if recorder is not None:
+            recorder.close()
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps({"event": "run", **summary}))
@@ -347,6 +387,16 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
         click.echo(f"[run: {len(result.turns)} turn(s), {result.input_audio_s:.1f}s of input "
                    f"in {result.wall_s:.2f}s (rtf {rtf}), setup {result.setup_s:.2f}s]",
                    err=True)
+
+
+def _exit_on_hang(message: str) -> None:
+    """The watchdog's last resort, from its thread: a stage blocks the event loop in code that
+    cannot be interrupted. Say which, and end the process."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, f"error: {message}\n".encode())
+    os._exit(1)
 
 
 @cli.command()

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omniframe.stage import StageKind, StageOptions
+from omniframe.watchdog import WatchdogLimits
 
 __all__ = [
     "ConfigError",
@@ -129,6 +130,9 @@ class StageSpec(BaseModel):
     name: str | None = Field(
         default=None, description="name in this pipeline (for --set and logs); default: kind")
     options: dict[str, Any] = Field(default_factory=dict)
+    watchdog: dict[str, float | None] | None = Field(
+        default=None, description="this stage's watchdog limits in seconds, by phase "
+                                  "(setup, process, ...); null turns one off")
 
     @field_validator("name")
     @classmethod
@@ -154,6 +158,13 @@ class StageSpec(BaseModel):
                              f"where a stage allows no limit)")
         return v
 
+    @field_validator("watchdog")
+    @classmethod
+    def _watchdog_ok(cls, v: dict[str, float | None] | None) -> dict[str, float | None] | None:
+        if v is not None:
+            WatchdogLimits.model_validate(v)  # unknown phases and values <= 0 are errors
+        return v
+
 
 class PipelineConfig(BaseModel):
     """The outer shape of a pipeline config."""
@@ -165,6 +176,10 @@ class PipelineConfig(BaseModel):
     description: str = ""
     device: str = Field(default="cpu", description="torch device for model stages")
     buffer: int = Field(default=8, ge=1, le=100_000, description="frames per bounded edge")
+    watchdog: WatchdogLimits = Field(
+        default_factory=WatchdogLimits,
+        description="seconds a stage may make no progress, by phase, before the run stops "
+                    "naming it; stages may change their own")
     pipeline: list[StageSpec] = Field(min_length=1)
 
     @field_validator("device")
@@ -574,7 +589,7 @@ def resolve_stages(cfg: PipelineConfig, source: str | None = None) -> list[Resol
 
 def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: Any = None,
                    observers: list[Any] | None = None, collect: bool = True,
-                   resources: Any = None) -> Any:
+                   resources: Any = None, on_hang: Any = None) -> Any:
     """Phase 2 and construction: a ready :class:`~omniframe.pipeline.Pipeline`."""
     from omniframe.compat import IncompatibleStages
     from omniframe.pipeline import Pipeline, PipelineError
@@ -590,7 +605,10 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
         ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device)
         stages.append(r.cls(r.options, ctx))
     try:
-        return Pipeline(stages, buffer=cfg.buffer, observers=observers or [], collect=collect)
+        limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
+                                                       strict=True) if spec.watchdog}
+        return Pipeline(stages, buffer=cfg.buffer, observers=observers or [], collect=collect,
+                        watchdog=cfg.watchdog, stage_watchdog=limits, on_hang=on_hang)
     except (IncompatibleStages, PipelineError) as exc:
         raise ConfigError([("pipeline", str(exc))], source) from None
 

@@ -24,7 +24,6 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -180,7 +179,7 @@ class _Runner:
                 finally:
                     act.waiting = False
                 self._blocked += time.perf_counter() - t0
-        self.activity.since = self.urgent_activity.since = time.monotonic()  # progress
+        self.activity.ticks += 1  # progress, for the watchdog (and the urgent loop's)
         self.metrics.frames_out += 1
         if self.observers:
             now = time.monotonic()
@@ -194,16 +193,23 @@ class _Runner:
         t0 = time.perf_counter()
         blocked0 = self._blocked
         act = activity or self.activity
-        act.enter(phase)
-        self.last_phase = phase
+        act.phase = phase  # inline Activity.enter: this runs for every frame
+        act.ticks += 1
         try:
-            async with aclosing(gen):  # type: ignore[type-var]
-                async for out in gen:
-                    if turn and not out.turn:
-                        out = dataclasses.replace(out, turn=turn)
-                    await self.emit(out)
+            async for out in gen:
+                if turn and not out.turn:
+                    out = dataclasses.replace(out, turn=turn)
+                await self.emit(out)
+        except BaseException:
+            self.last_phase = phase  # for the error: the phase of the call that failed
+            # a generator left at a yield (cancelled while its frame was sent) runs its
+            # finally blocks now, not whenever it is garbage-collected
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
         finally:
-            act.leave()
+            act.phase = None
             self.metrics.busy_s += (time.perf_counter() - t0) - (self._blocked - blocked0)
 
     async def run(self) -> None:
@@ -378,8 +384,8 @@ class Pipeline:
     def busy(self) -> str:
         """What the stages are doing now, for a message: ``"lm (process, 3.2 s)"``."""
         now = time.monotonic()
-        parts = [f"{a.name} ({a.phase}, {now - a.since:.1f} s)" for a in self._activities
-                 if a.phase is not None and a.phase != "generate"]
+        parts = [f"{a.name} ({a.phase}, silent {now - a.since:.1f} s)"
+                 for a in self._activities if a.phase is not None and a.phase != "generate"]
         return ", ".join(parts) or "nothing"
 
     def _failed(self, err: StageError) -> None:
@@ -400,7 +406,7 @@ class Pipeline:
         frames: list[Frame] = []
         acts = {s.context.name: Activity(s.context.name, s.kind, self._limits(s))
                 for s in self.stages}
-        urgent = {name: Activity(a.name, a.kind, a.limits) for name, a in acts.items()}
+        urgent = {name: Activity(a.name, a.kind, a.limits, source=a) for name, a in acts.items()}
         self._activities = [*acts.values(), *urgent.values()]
         self._first_error = None
         monitor = LoopMonitor(acts, self.stages, self._loop_blocked, self.on_hang,
@@ -488,13 +494,13 @@ class Pipeline:
             act = acts[st.context.name]
             limit = act.limits.teardown
             act.enter("teardown")
+            t0 = time.monotonic()
             try:
                 with anyio.move_on_after(limit if limit is not None else math.inf) as scope:
                     await st.teardown()
                 if scope.cancelled_caught:
                     errors.append(StageError(st.context.name, st.kind, act.error(
-                        "teardown", time.monotonic() - act.since, limit or 0.0),
-                        phase="teardown"))
+                        "teardown", time.monotonic() - t0, limit or 0.0), phase="teardown"))
             except Exception as exc:
                 errors.append(StageError(st.context.name, st.kind, exc, phase="teardown"))
             finally:

@@ -84,29 +84,39 @@ def merge_limits(*layers: Mapping[str, float | None] | WatchdogLimits | None) ->
 
 @dataclass
 class Activity:
-    """What one stage is doing now, for the watchdog."""
+    """What one stage is doing now, for the watchdog.
+
+    The stage's side only sets ``phase`` and counts ``ticks`` (a phase entered, a frame
+    emitted): no clock reads on the hot path. The watchdog, polling, stamps ``since`` when it
+    sees the count move.
+    """
 
     name: str
     kind: str
     limits: WatchdogLimits
     phase: str | None = None
-    since: float = 0.0  # time of the last progress
+    ticks: int = 0  # progress events so far
     waiting: bool = False  # blocked on a full downstream queue: not the stage's silence
+    since: float = 0.0  # when the watchdog last saw progress
+    source: Activity | None = None  # another activity whose ticks count as progress too
+    _seen: int = -1
 
     def enter(self, phase: str) -> None:
         self.phase = phase
-        self.since = time.monotonic()
-
-    def progress(self) -> None:
-        self.since = time.monotonic()
+        self.ticks += 1
 
     def leave(self) -> None:
         self.phase = None
 
     def overdue(self, now: float) -> tuple[str, float, float] | None:
         """``(phase, silent_s, limit_s)`` when over the limit, else None."""
+        ticks = self.ticks + (self.source.ticks if self.source is not None else 0)
+        if ticks != self._seen:
+            self._seen, self.since = ticks, now
+            return None
         phase = self.phase
         if phase is None or self.waiting:
+            self.since = now  # silence starts when the stage's turn to work does
             return None
         limit = self.limits.limit(phase)
         silent = now - self.since

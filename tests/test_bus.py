@@ -170,7 +170,7 @@ async def test_stage_error_names_the_stage_and_stops_everything() -> None:
     with pytest.raises(StageError) as info:
         await run_frames([make_stage(Relay), make_stage(Boom, name="brain")], src_frames)
     assert info.value.stage == "brain"
-    assert "stage 'brain' (lm) failed during run: ValueError: bad token" in str(info.value)
+    assert "stage 'brain' (lm) failed during process: ValueError: bad token" in str(info.value)
     await anyio.lowlevel.checkpoint()
     assert asyncio.all_tasks() - before == set()
 

@@ -95,6 +95,24 @@ def test_cli_run_with_set_and_input(tmp_path: Path) -> None:
     assert "You said: from a file" in res.stdout
 
 
+def test_cli_text_option_gives_one_turn_each(tmp_path: Path) -> None:
+    from omniframe.cli import cli
+
+    cfg = tmp_path / "typed.yaml"
+    cfg.write_text("pipeline:\n  - {kind: source, plugin: text}\n  - {kind: lm, plugin: echo}\n"
+                   "  - {kind: sink, plugin: text}\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["run", str(cfg), "--text", "one, two", "--text", 'say "three"'])
+    assert res.exit_code == 0, res.output
+    assert "You said: one, two" in res.stdout and 'You said: say "three"' in res.stdout
+    # a pipeline whose source reads audio: a message, not a traceback
+    res = runner.invoke(cli, ["run", "--text", "hello"])
+    assert res.exit_code == 2
+    assert "does not read text" in res.output and "Traceback" not in res.output
+    res = runner.invoke(cli, ["run", str(cfg), "--text", "a", "--input", str(cfg)])
+    assert res.exit_code == 2 and "not both" in res.output
+
+
 # ------------------------------------------------------------------------------ Mini-Omni
 
 

@@ -142,9 +142,10 @@ async def test_waiting_for_a_slow_downstream_stage_is_not_silence():
 
 
 async def test_limits_per_stage_override_the_global_ones():
-    p = _pipeline(Quiet("slow-but-talking"), stage_watchdog={"lm": {"process": 0.1}})
+    p = _pipeline(Quiet("await"), watchdog=FAST.model_copy(update={"process": None}),
+                  stage_watchdog={"lm": {"process": 0.5}})
     err = await _fails(p)
-    assert err.stage == "lm" and "limit 0.1 s" in str(err)
+    assert err.stage == "lm" and "limit 0.5 s" in str(err)
     assert merge_limits(FAST, {"process": None}).process is None
     assert merge_limits(None, {"setup": 5}).process == WatchdogLimits().process
 

@@ -377,7 +377,7 @@ def test_registered_stage_names() -> None:
     mine = sorted(k for k, plugin in reg.stage_plugin.items() if plugin == "omniframe_audio")
     assert mine == [("sink", "null"), ("sink", "speaker"), ("sink", "text"), ("sink", "wav"),
                     ("source", "file"), ("source", "mic"), ("source", "synth"),
-                    ("vad", "energy"), ("vad", "silero"), ("vad", "webrtc")]
+                    ("source", "text"), ("vad", "energy"), ("vad", "silero"), ("vad", "webrtc")]
     assert reg.stage("source", "file").input_option == "path"
     assert reg.stage("sink", "wav").output_suffixes == (".wav",)
 
