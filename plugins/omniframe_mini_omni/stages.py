@@ -441,6 +441,13 @@ class MiniOmniLM(Stage):
         self.lm: _Loaded = await self.shared_model(
             key, lambda: _load_lm(o.model, o.dtype, device, seed))
         self.tokenizer = self.lm.tokenizer
+        if o.max_new_tokens is None and o.model.startswith("random://"):
+            from omniframe_mini_omni.generate import RANDOM_MAX_NEW_TOKENS
+
+            # random weights rarely stop: without a cap they would decode ~2000 steps of noise
+            self.options = o = o.model_copy(update={"max_new_tokens": RANDOM_MAX_NEW_TOKENS})
+            self.log.info("random:// weights: max_new_tokens defaults to "
+                          f"{RANDOM_MAX_NEW_TOKENS} (set it to decode more)")
         if o.tokenizer is not None:
             from omniframe_mini_omni.tokenizer import TextTokenizer
 
@@ -485,9 +492,9 @@ class MiniOmniLM(Stage):
         """Generation inputs for a consumed frame, or None if the task does not take it."""
         import torch
 
+        from omniframe_mini_omni.generate import prompt_positions
         from omniframe_mini_omni.tokens import Task as TaskEnum
 
-        __import__("omniframe_mini_omni.generate").generate.check_turn_budget(self, frame)
         task = TaskEnum(self.options.task)
         if isinstance(frame, FeaturesFrame):
             if not task.audio_input:
@@ -506,13 +513,33 @@ class MiniOmniLM(Stage):
                 raise ValueError("empty FeaturesFrame (0 frames): nothing to answer")
             seconds = feats.size(0) / (frame.frame_rate or 50.0)
             self._speech_end_ts = frame.speech_end_ts
+            n = int(feats.size(0))
+            self._check_budget(prompt_positions(task, n_frames=n),
+                               f"the user's speech ({n} Whisper frames, {n / 50:.1f} s)")
             return {"whisper_features": feats.float()}, f"<{seconds:.1f} s of speech>"
         assert isinstance(frame, TranscriptFrame)
         if task.audio_input or not frame.final:
             return None
         ids = self.tokenizer.encode(frame.text.strip())
         self._speech_end_ts = frame.speech_end_ts
+        if ids:
+            self._check_budget(prompt_positions(task, n_text=len(ids)),
+                               f"the user's text ({len(ids)} tokens)")
         return {"text_ids": ids}, frame.text.strip()
+
+    def _check_budget(self, prompt: int, what: str) -> None:
+        """Warn when a turn leaves fewer positions than ``max_new_tokens``: it is answered
+        with the positions left (see the README's context budget). A prompt that alone fills
+        the context is refused for its turn by GenerationStream (an ErrorFrame)."""
+        from omniframe_mini_omni.generate import ContextBudgetError, check_context_budget
+
+        block = int(self.lm.config.block_size)
+        if prompt >= block:
+            return
+        try:
+            check_context_budget(block, prompt, self.options.max_new_tokens, what)
+        except ContextBudgetError as exc:
+            self.log.warning(f"{exc}; answering with the {block - prompt} positions left")
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         inputs = self._input(frame)

@@ -3,7 +3,6 @@ budget of the Mini-Omni LM stage, on the tiny random preset."""
 
 from __future__ import annotations
 
-import logging
 import re
 import zipfile
 from pathlib import Path
@@ -141,28 +140,31 @@ def _lm(resources, **options) -> MiniOmniLM:
                       StageContext(name="lm", session=Session(), resources=resources))
 
 
-async def test_a_turn_that_leaves_too_few_positions_is_capped_with_a_warning(
-        resources, caplog):
+async def test_a_turn_that_leaves_too_few_positions_is_capped_with_a_warning(resources):
+    from structlog.testing import capture_logs
+
     lm = _lm(resources, task="A1T2", max_new_tokens=2040, temperature=0.0)
-    with caplog.at_level(logging.WARNING):
+    with capture_logs() as logs:
         result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(20, 768),
                                                        frame_rate=50, turn=1)], timeout=120)
+    text = " ".join(str(e.get("event")) for e in logs if e.get("log_level") == "warning")
     assert re.search(r"the user's speech \(20 Whisper frames, 0.4 s\) takes 23 positions \+ "
                      r"max_new_tokens 2040 = 2063, more than the model's context \(block_size "
                      r"2048\)\. Lower max_new_tokens \(lm options\) to at most 2025.*2025 "
-                     r"positions left", caplog.text)
+                     r"positions left", text)
     assert [f.turn for f in result.frames if isinstance(f, EndOfTurnFrame)] == [1]
 
 
-async def test_random_weights_decode_at_most_256_steps_by_default(resources, caplog,
-                                                                   tmp_path: Path):
+async def test_random_weights_decode_at_most_256_steps_by_default(resources, tmp_path: Path):
+    from structlog.testing import capture_logs
+
     trace = tmp_path / "steps.jsonl"
     lm = _lm(resources, task="A1T2", temperature=0.0, trace=str(trace))
-    with caplog.at_level(logging.INFO):
+    with capture_logs() as logs:
         result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(5, 768),
                                                        frame_rate=50, turn=1)], timeout=120)
     assert lm.options.max_new_tokens == RANDOM_MAX_NEW_TOKENS
-    assert "max_new_tokens defaults to 256" in caplog.text
+    assert any("max_new_tokens defaults to 256" in str(e.get("event")) for e in logs)
     ends = [f for f in result.frames if isinstance(f, EndOfTurnFrame)]
     steps = len(trace.read_text().splitlines())
     assert ends and (ends[0].reason, steps) in (("max_tokens", 256), ("completed", steps))
