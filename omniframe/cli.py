@@ -426,7 +426,8 @@ def validate(config: str, overrides: tuple[str, ...]) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins: version, and the stages each registers."""
+    """List installed plugins: version, and the stages, datasets, commands and observers each
+    registers; plugins that failed to import are listed with the reason."""
     from omniframe.plugins import get_registry, plugin_commands
 
     reg = get_registry()
@@ -445,7 +446,12 @@ def plugins(as_json: bool) -> None:
             "stages": stages,
             "datasets": sorted(d for d, p in reg.dataset_plugin.items() if p == name),
             "commands": commands.get(name, []),
+            "observers": sorted(o for o, p in reg.observer_plugin.items() if p == name),
         })
+    for name, why in sorted(reg.failed.items()):
+        rows.append({"name": name, "distribution": None, "version": None, "module": None,
+                     "stages": [], "datasets": [], "commands": [], "observers": [],
+                     "error": why})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -461,6 +467,10 @@ def plugins(as_json: bool) -> None:
             lines.append(f"{'datasets':<22} {', '.join(r['datasets'])}")
         if r["commands"]:
             lines.append(f"{'commands':<22} omniframe {', omniframe '.join(r['commands'])}")
+        if r["observers"]:
+            lines.append(f"{'observers':<22} {', '.join(r['observers'])}")
+        if r.get("error"):
+            lines.append(f"{'FAILED':<22} {r['error']}")
         for i, line in enumerate(lines or ["(registers nothing)"]):
             lead = (f"{r['name']:<{width}}  {r['version'] or '-':<8}" if i == 0
                     else " " * (width + 10))
@@ -497,16 +507,13 @@ def add_plugin_commands(group: click.Group) -> list[str]:
     """Let each plugin add its commands to ``group``. A plugin whose hook fails is skipped,
     so that every other command still works; returns what went wrong, one line each."""
     from omniframe.config import clip
-    from omniframe.plugins import load_plugins, pm
+    from omniframe.plugins import call_hook, failed_plugins
 
-    load_plugins()
-    problems = []
-    for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's call order
-        try:
-            impl.function(cli=group)
-        except Exception as exc:
+    problems = list(failed_plugins().values())  # skipped at import: the rest still works
+    for name, _, exc in call_hook("register_commands", lambda: {"cli": group}):
+        if exc is not None:
             problems.append(
-                f"plugin {impl.plugin_name!r} could not add its commands: "
+                f"plugin {name!r} could not add its commands: "
                 f"{type(exc).__name__}: {clip(str(exc))}. Update or reinstall it, or leave it "
                 f"out with OMNIFRAME_LOAD_PLUGINS=<the plugins you want>.")
     return problems

@@ -29,15 +29,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from omniframe.stage import StageKind, StageOptions
+from omniframe.stage import KINDS, StageOptions, is_kind
 from omniframe.watchdog import WatchdogLimits
 
 __all__ = [
     "ConfigError",
+    "ObserverSpec",
     "PipelineConfig",
     "ResolvedStage",
     "StageSpec",
     "apply_overrides",
+    "build_observers",
     "build_pipeline",
     "config_schema",
     "load_config",
@@ -103,10 +105,21 @@ def check_device(device: str) -> str:
 
 
 def _stage_names(stages: list[tuple[Any, Any, Any]]) -> list[str]:
-    """``(name, kind, plugin)`` of each stage → its name: ``name``, else its kind, else its
-    plugin if kinds repeat (also for raw, not yet validated config data)."""
-    kinds = [k for _, k, _ in stages]
-    return [str(n) if n else str(k) if kinds.count(k) == 1 else str(p) for n, k, p in stages]
+    """``(name, kind, plugin)`` of each stage → its name: ``name``; else its kind for the first
+    stage of that kind without a name; else its plugin (also for raw, not yet validated config
+    data). Adding a second stage of a kind thus never renames the first (``--set lm.…``
+    keeps working when a ``processor`` or a second ``lm`` is added)."""
+    named: set[str] = set()  # kinds already given as a name
+    out = []
+    for n, k, p in stages:
+        if n:
+            out.append(str(n))
+        elif str(k) not in named:
+            named.add(str(k))
+            out.append(str(k))
+        else:
+            out.append(str(p))
+    return out
 
 
 def _non_finite(value: Any, path: str = "") -> list[str]:
@@ -125,14 +138,23 @@ class StageSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: StageKind = Field(description="source, vad, encoder, lm, codec or sink")
+    kind: str = Field(description=f"{', '.join(KINDS)}, or another kind a plugin defines")
     plugin: str = Field(description="the registered stage name within its kind")
     name: str | None = Field(
-        default=None, description="name in this pipeline (for --set and logs); default: kind")
+        default=None, description="name in this pipeline (for --set and logs); default: the "
+                                  "kind for the first stage of a kind, else the plugin")
     options: dict[str, Any] = Field(default_factory=dict)
     watchdog: dict[str, float | None] | None = Field(
         default=None, description="this stage's watchdog limits in seconds, by phase "
                                   "(setup, process, ...); null turns one off")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_ok(cls, v: str) -> str:
+        if not is_kind(v):
+            raise ValueError(f"kind {short_repr(v)} is not an identifier; use one of "
+                             f"{', '.join(KINDS)}, or a plugin's own kind (letters, digits, '_')")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -166,6 +188,16 @@ class StageSpec(BaseModel):
         return v
 
 
+class ObserverSpec(BaseModel):
+    """An observer a config attaches (registered by a plugin's ``register_observers`` hook);
+    a bare name in YAML stands for ``{plugin: name}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plugin: str = Field(description="the registered observer's name (omniframe plugins)")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class PipelineConfig(BaseModel):
     """The outer shape of a pipeline config."""
 
@@ -181,6 +213,16 @@ class PipelineConfig(BaseModel):
         description="seconds a stage may make no progress, by phase, before the run stops "
                     "naming it; stages may change their own")
     pipeline: list[StageSpec] = Field(min_length=1)
+    observers: list[ObserverSpec] = Field(
+        default_factory=list,
+        description="observers that see every frame and each turn's MetricsFrame without "
+                    "being stages, e.g. {plugin: latency-csv, options: {path: latency.csv}}")
+
+    @field_validator("observers", mode="before")
+    @classmethod
+    def _bare_observer_names(cls, v: Any) -> Any:
+        return [{"plugin": o} if isinstance(o, str) else o for o in v] if isinstance(
+            v, list) else v
 
     @field_validator("device")
     @classmethod
@@ -508,6 +550,9 @@ def _set_path(data: dict[str, Any], parts: list[str | int], value: Any, path: st
             where = ", ".join(f"pipeline[{i}]" for i, n in enumerate(names) if n == head)
             raise ConfigError([(path, f"{short_repr(head)} names several stages ({where}); "
                                       f"pick one as pipeline[N], or give each its own name:")])
+        plugins = [s.get("plugin") if isinstance(s, dict) else None for s in stages]
+        if head not in names and plugins.count(head) == 1:
+            names[plugins.index(head)] = head  # a plugin's name picks its only stage too
         if head not in names:
             close = difflib.get_close_matches(str(head), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -587,6 +632,39 @@ def resolve_stages(cfg: PipelineConfig, source: str | None = None) -> list[Resol
     return out
 
 
+def build_observers(cfg: PipelineConfig, source: str | None = None) -> list[Any]:
+    """The config's ``observers:``, made from the registered classes with validated options;
+    all problems at once, each at its YAML path (``observers[0].options.path``)."""
+    if not cfg.observers:
+        return []
+    from omniframe.plugins import PluginError, get_registry
+
+    reg = get_registry()
+    problems: list[tuple[str, str]] = []
+    out = []
+    for i, spec in enumerate(cfg.observers):
+        prefix = f"observers[{i}]"
+        try:
+            factory = reg.observer(spec.plugin)
+        except PluginError as exc:
+            problems.append((f"{prefix}.plugin", str(exc)))
+            continue
+        model = getattr(factory, "Options", None)
+        try:
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                out.append(factory(model.model_validate(spec.options)))
+            else:
+                out.append(factory(**spec.options))
+        except ValidationError as err:
+            problems.extend(_pydantic_problems(err, f"{prefix}.options",
+                                               list(getattr(model, "model_fields", {}))))
+        except (TypeError, ValueError) as exc:
+            problems.append((f"{prefix}.options", f"{type(exc).__name__}: {clip(str(exc))}"))
+    if problems:
+        raise ConfigError(problems, source)
+    return out
+
+
 def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: Any = None,
                    observers: list[Any] | None = None, collect: bool = True,
                    resources: Any = None, on_hang: Any = None) -> Any:
@@ -598,6 +676,7 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
     from omniframe.stage import StageContext
 
     resolved = resolve_stages(cfg, source)
+    observers = [*(observers or []), *build_observers(cfg, source)]
     session = session or Session()
     resources = resources if resources is not None else default_resources()
     stages = []
@@ -607,7 +686,7 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
     try:
         limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
                                                        strict=True) if spec.watchdog}
-        return Pipeline(stages, buffer=cfg.buffer, observers=observers or [], collect=collect,
+        return Pipeline(stages, buffer=cfg.buffer, observers=observers, collect=collect,
                         watchdog=cfg.watchdog, stage_watchdog=limits, on_hang=on_hang)
     except (IncompatibleStages, PipelineError) as exc:
         raise ConfigError([("pipeline", str(exc))], source) from None
@@ -645,6 +724,7 @@ def config_schema() -> dict[str, Any]:
         device=(str, "cpu"),
         buffer=(int, 8),
         pipeline=(list[stage_union], ...),
+        observers=(list[ObserverSpec], []),
     )
     schema = top.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -53,3 +53,17 @@ def register_model_resolvers(register: Callable[[str, Callable[[str], ModelRef]]
     """Register model URI schemes: ``register(scheme, resolve)``, where ``resolve(uri)``
     returns a :class:`omniframe.models.ModelRef` (a local path, or a random preset) or raises
     :class:`omniframe.models.ModelNotAvailable` saying what was tried and what to do."""
+
+
+@hookspec
+def register_observers(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Register observers that configs may attach (``observers: [{plugin: name, options:
+    {...}}]``): ``register(name, ObserverClass)``. The class is called with its validated
+    options: ``ObserverClass(options)`` where it has a pydantic ``Options`` model (a
+    :class:`omniframe.stage.StageOptions` subclass), else ``ObserverClass(**options)``.
+
+    An observer has ``on_frame(stage, kind, frame, now)``, called inline for every frame a
+    stage emits (keep it O(1), no blocking I/O), and sees one
+    :class:`omniframe.frames.MetricsFrame` per turn; an optional ``on_run_end(result)`` is
+    called once after the run (close files there). Names must be unique across plugins.
+    """

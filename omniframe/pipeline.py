@@ -243,7 +243,7 @@ class _Runner:
     async def _data_loop(self) -> None:
         assert self.inbox is not None
         rx = self.inbox.data_rx
-        forward = self.kind == "sink" or self.stage.forward_consumed
+        forward = self.stage.forward_consumed  # sinks: True (Stage.__init_subclass__)
         async with rx:
             while True:
                 try:
@@ -299,7 +299,7 @@ class _Runner:
                     elif self.consumes(frame):  # e.g. a sink that shows errors
                         await self._drive(self.stage.process(frame), frame, "process",
                                           self.urgent_activity)
-                        if self.kind == "sink" or self.stage.forward_consumed:
+                        if self.stage.forward_consumed:
                             await self.emit(frame)
                     else:
                         await self.emit(frame)

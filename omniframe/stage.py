@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import anyio.lowlevel
 import anyio.to_thread
@@ -48,10 +49,22 @@ from omniframe.frames import EndOfStreamFrame, Frame, InterruptFrame
 if TYPE_CHECKING:
     from omniframe.session import Session
 
-__all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOptions"]
+__all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOptions", "is_kind"]
 
-StageKind = Literal["source", "vad", "encoder", "lm", "codec", "sink"]
-KINDS: tuple[str, ...] = get_args(StageKind)
+StageKind = str
+"""A stage's kind: a label (an identifier) for listings, default names and docs. Kinds are
+open: a plugin may define stages of any kind it needs; what a stage consumes and produces, not
+its kind, decides where it may stand (the chain check)."""
+KINDS: tuple[str, ...] = ("source", "vad", "encoder", "lm", "processor", "codec", "sink")
+"""The well-known kinds, in chain order. ``processor``: a stage that transforms frames mid-chain
+(a text filter, a guardrail, a translator). The first stage must be a ``source``."""
+
+_KIND_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_kind(kind: object) -> bool:
+    """Whether ``kind`` may be a stage kind: an ASCII identifier (``lm``, ``my_filter``)."""
+    return isinstance(kind, str) and _KIND_RE.fullmatch(kind) is not None
 
 T = TypeVar("T")
 
@@ -145,7 +158,9 @@ class Stage:
     """Base class of every stage. Subclasses set the class attributes and override methods.
 
     Class attributes:
-        kind: one of ``source, vad, encoder, lm, codec, sink``.
+        kind: a label: one of :data:`KINDS` (``source, vad, encoder, lm, processor, codec,
+            sink``) or any identifier a plugin needs. It names the stage by default in configs
+            and groups it in listings; it does not change how the bus treats the stage.
         name: the name configs use to pick it (``plugin:`` in YAML), unique within its kind.
         Options: a :class:`StageOptions` subclass.
         consumes: frame types :meth:`process` handles.
@@ -157,7 +172,9 @@ class Stage:
         input_option / output_option: the option that ``--input`` / ``--output`` set.
         output_suffixes: file suffixes this sink writes, to route ``--output``.
         forward_consumed: also pass on each consumed frame after what ``process`` yields
-            (sinks always do, so several can chain; a TTS does it so text reaches the sink).
+            (a TTS does it so text reaches the sink). Defaults to True for ``kind = "sink"``
+            classes (set when the class is defined), so several sinks can chain and the frames
+            leave the pipeline; a sink may set it to False. The bus reads only this attribute.
         watchdog_limits: watchdog limits this stage needs other than the defaults, by phase
             (``{"process": 600}`` for a stage that may think for minutes between outputs);
             see :mod:`omniframe.watchdog`. The config overrides them.
@@ -174,6 +191,13 @@ class Stage:
     output_option: ClassVar[str | None] = None
     output_suffixes: ClassVar[tuple[str, ...]] = ()
     watchdog_limits: ClassVar[Mapping[str, float | None]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # sinks re-emit what they consume unless a class of theirs says otherwise
+        if getattr(cls, "kind", None) == "sink" and not any(
+                "forward_consumed" in vars(c) for c in cls.__mro__ if c is not Stage):
+            cls.forward_consumed = True
 
     def __init__(self, options: StageOptions | dict[str, Any] | None = None,
                  context: StageContext | None = None) -> None:

@@ -53,8 +53,13 @@ def test_bare_null_plugin_is_explained() -> None:
 
 def test_wrong_kind_and_empty_pipeline() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config({"pipeline": [{"kind": "brain", "plugin": "echo"}]})
-    assert "source" in problems(info)["pipeline[0].kind"]
+        parse_config({"pipeline": [{"kind": "my brain", "plugin": "echo"}]})
+    assert "is not an identifier; use one of source" in problems(info)["pipeline[0].kind"]
+    cfg = parse_config({"pipeline": [{"kind": "brain", "plugin": "echo"}]})  # kinds are open
+    with pytest.raises(ConfigError) as info:
+        resolve_stages(cfg)
+    assert "unknown stage kind 'brain': no installed stage has it" in problems(info)[
+        "pipeline[0].plugin"]
     with pytest.raises(ConfigError) as info:
         parse_config({"pipeline": []})
     assert "pipeline" in problems(info)
@@ -122,7 +127,7 @@ def test_stage_names_default_to_kind_then_plugin() -> None:
     data = yaml.safe_load(yaml.safe_dump(ECHO))
     data["pipeline"].append({"kind": "sink", "plugin": "wav", "options": {"path": "x.wav"}})
     cfg = parse_config(data)
-    assert cfg.stage_names() == ["source", "vad", "lm", "codec", "null", "wav"]
+    assert cfg.stage_names() == ["source", "vad", "lm", "codec", "sink", "wav"]
 
 
 scalars = st.one_of(st.integers(-10**6, 10**6), st.booleans(),

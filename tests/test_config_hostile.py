@@ -360,11 +360,11 @@ def test_set_then_read_back(key: str, value: object) -> None:
 def test_repeated_stage_names_are_refused_in_phase_one() -> None:
     data = copy.deepcopy(ECHO)
     data["pipeline"][1]["name"] = data["pipeline"][2]["name"] = "x"
-    data["pipeline"].append({"kind": "sink", "plugin": "null"})
+    data["pipeline"] += [{"kind": "sink", "plugin": "null"}] * 2  # named sink, null, null
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     msg = dict(info.value.problems)["pipeline"]
-    assert "repeated: 'x' (pipeline[1], pipeline[2]); 'null' (pipeline[4], pipeline[5])" in msg
+    assert "repeated: 'x' (pipeline[1], pipeline[2]); 'null' (pipeline[5], pipeline[6])" in msg
     assert "Give each of them its own name:" in msg
     with pytest.raises(ConfigError, match=r"'x' names several stages \(pipeline\[1\], "
                                           r"pipeline\[2\]\); pick one as pipeline\[N\]"):

@@ -27,8 +27,8 @@ def hook_specs() -> dict[str, object]:
 def test_every_hook_is_typed_and_documented() -> None:
     docs = (ROOT / "docs" / "plugins.md").read_text()
     specs = hook_specs()
-    assert set(specs) == {"register_stages", "register_datasets", "register_commands",
-                          "register_model_resolvers"}
+    assert set(specs) >= {"register_stages", "register_datasets", "register_commands",
+                          "register_model_resolvers", "register_observers"}
     for name, fn in specs.items():
         assert (fn.__doc__ or "").strip(), f"hook {name} has no docstring"
         sig = inspect.signature(fn)
@@ -49,8 +49,11 @@ def test_unknown_stage_message_suggests() -> None:
     reg = get_registry()
     with pytest.raises(PluginError, match="no lm stage named 'ecoh'. Did you mean 'echo'"):
         reg.stage("lm", "ecoh")
-    with pytest.raises(PluginError, match="unknown stage kind 'brain'"):
+    with pytest.raises(PluginError, match="unknown stage kind 'brain': no installed stage"):
         reg.stage("brain", "echo")
+    with pytest.raises(PluginError, match="unknown stage kind 'processr'.*Did you mean "
+                                          "'processor'"):
+        reg.stage("processr", "x")
 
 
 def test_duplicate_stage_is_an_error_naming_both_plugins() -> None:
