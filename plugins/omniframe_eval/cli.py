@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -76,8 +76,23 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
                       progress=progress, command=shlex.join(argv) if argv else None)
     click.echo(f"evaluating {', '.join(p.name for p in cfg.pipelines)} on "
                f"{cfg.dataset.name} ({cfg.mode}) into {run_dir}", err=True)
+    from omniframe.interrupts import InterruptGuard
+
+    # the first Ctrl-C cancels the run (the item in flight stops, finished ones are saved);
+    # if it has not ended 1.2 s later, or on a second Ctrl-C, the process exits at once
+    guard = InterruptGuard(grace=1.2)
+
+    async def main() -> dict[str, Any] | None:
+        with anyio.CancelScope() as scope:
+            guard.attach(scope.cancel)
+            return await harness.run()
+        return None  # cancelled by the guard
+
     try:
-        rep = anyio.run(harness.run)
+        with guard:
+            rep = anyio.run(main)
+        if rep is None:
+            raise KeyboardInterrupt
     except (HarnessError, EvalConfigError, DatasetError, ConfigError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
