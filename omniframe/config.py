@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omniframe.stage import KINDS, StageOptions, is_kind
+from omniframe.tools import ToolSpec
 from omniframe.watchdog import WatchdogLimits
 
 __all__ = [
@@ -223,6 +224,19 @@ class PipelineConfig(BaseModel):
     def _bare_observer_names(cls, v: Any) -> Any:
         return [{"plugin": o} if isinstance(o, str) else o for o in v] if isinstance(
             v, list) else v
+    tools: list[str | ToolSpec] = Field(
+        default_factory=list,
+        description="tools the LM may call: names of registered tools (server-side), or "
+                    "inline client-side declarations {name, description, parameters}")
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_unique(cls, v: list[str | ToolSpec]) -> list[str | ToolSpec]:
+        names = [t if isinstance(t, str) else t.name for t in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tools listed twice: {', '.join(twice)}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -677,11 +691,21 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
 
     resolved = resolve_stages(cfg, source)
     observers = [*(observers or []), *build_observers(cfg, source)]
+    toolbox = None
+    if cfg.tools:
+        from omniframe.plugins import get_registry
+        from omniframe.tools import build_toolbox
+
+        try:
+            toolbox = build_toolbox(cfg.tools, get_registry().tools)
+        except ValueError as exc:
+            raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], source) from None
     session = session or Session()
     resources = resources if resources is not None else default_resources()
     stages = []
     for r in resolved:
-        ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device)
+        ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device,
+                           tools=toolbox)
         stages.append(r.cls(r.options, ctx))
     try:
         limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
@@ -725,6 +749,7 @@ def config_schema() -> dict[str, Any]:
         buffer=(int, 8),
         pipeline=(list[stage_union], ...),
         observers=(list[ObserverSpec], []),
+        tools=(list[str | ToolSpec], []),
     )
     schema = top.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -41,6 +41,8 @@ __all__ = [
     "SpeechStartFrame",
     "SystemFrame",
     "TextDeltaFrame",
+    "ToolCallFrame",
+    "ToolResultFrame",
     "TranscriptFrame",
     "UserTurnFrame",
     "frame_types",
@@ -239,12 +241,62 @@ class EndOfTurnFrame(ControlFrame):
     """The agent finished (or abandoned) its answer to ``turn``.
 
     Parameters:
-        reason: ``completed``, ``interrupted``, ``max_tokens``, ``empty`` or ``error``.
+        reason: ``completed``, ``interrupted``, ``max_tokens``, ``empty``, ``error``, or
+            ``tool_call``: the answer waits for the result of a client-side tool (see
+            :class:`ToolCallFrame`); a :class:`ToolResultFrame` makes the LM go on.
         text: the whole text answer, where the producer knows it.
     """
 
-    reason: Literal["completed", "interrupted", "max_tokens", "empty", "error"] = "completed"
+    reason: Literal["completed", "interrupted", "max_tokens", "empty", "error",
+                    "tool_call"] = "completed"
     text: str | None = None
+
+
+# ---------------------------------------------------------------------------- function calls
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallFrame(DataFrame):
+    """The LM calls a tool (function calling), as part of its answer to ``turn``.
+
+    A server-side tool (one with a Python function, see :mod:`omniframe.tools`) is run by the
+    LM itself, which emits this frame and then the :class:`ToolResultFrame`, and goes on
+    answering. For a client-side tool the LM emits this frame and ends the turn with
+    ``EndOfTurnFrame(reason="tool_call")``; whoever answers it (an OpenAI Realtime client's
+    ``function_call_output``) sends a :class:`ToolResultFrame` with the same ``call_id``
+    into the pipeline, upstream of the LM. Not spoken: a TTS lets it pass.
+
+    Parameters:
+        call_id: unique id of this call (``call_`` + hex); the result carries it back.
+        name: the tool's name.
+        arguments: the arguments, a JSON object as text (OpenAI's ``function_call`` item
+            carries it the same way).
+    """
+
+    call_id: str
+    name: str
+    arguments: str = "{}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolResultFrame(DataFrame):
+    """The result of a tool call. Emitted by the LM after running a server-side tool;
+    sent into the pipeline (upstream of the LM) with a client-side tool's result, which
+    makes the LM continue its answer to ``turn`` (the turn of the call; 0 lets the LM take it
+    from the pending call).
+
+    Parameters:
+        call_id: the ``call_id`` of the :class:`ToolCallFrame` it answers.
+        name: the tool's name.
+        output: the result as text the model reads, normally JSON.
+        is_error: True when the call failed (bad arguments, an exception, a timeout) and
+            ``output`` says why, e.g. ``{"error": "..."}``.
+    """
+
+    call_id: str
+    name: str
+    output: str
+    is_error: bool = False
 
 
 # ---------------------------------------------------------------------------------- control

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from omniframe.models import ModelRef
     from omniframe.stage import Stage
+    from omniframe.tools import Tool
 
 hookspec = pluggy.HookspecMarker("omniframe")
 hookimpl = pluggy.HookimplMarker("omniframe")
@@ -66,4 +67,14 @@ def register_observers(register: Callable[[str, Callable[..., Any]], None]) -> N
     stage emits (keep it O(1), no blocking I/O), and sees one
     :class:`omniframe.frames.MetricsFrame` per turn; an optional ``on_run_end(result)`` is
     called once after the run (close files there). Names must be unique across plugins.
+    """
+
+
+@hookspec
+def register_tools(register: Callable[[Tool], None]) -> None:
+    """Register tools (function calling) that configs may give an LM: ``register(Tool(name,
+    description, parameters, fn))`` once per tool (see :class:`omniframe.tools.Tool`).
+
+    Tool names must be unique across installed plugins. A pipeline uses only the tools its
+    config lists under ``tools:``. Import heavy libraries inside ``fn``, not at module level.
     """

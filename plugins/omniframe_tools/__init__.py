@@ -1,0 +1,1 @@
+"""Built-in tools for function calling: ``current_time`` and ``calculator``."""
