@@ -33,7 +33,7 @@ from omniframe.frames import (
 )
 from omniframe.hookspecs import hookimpl
 from omniframe.metrics import RunResult, StageMetrics, TurnMetrics
-from omniframe.models import ModelNotAvailable, ModelRef, resolve_model
+from omniframe.model_uris import ModelNotAvailable, ModelRef, resolve_model
 from omniframe.pipeline import Pipeline, PipelineError, StageError, run_pipeline
 from omniframe.session import Message, Session
 from omniframe.stage import Stage, StageContext, StageOptions

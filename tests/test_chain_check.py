@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from omniframe.compat import IncompatibleStages, check_chain
+from omniframe.chain import IncompatibleStages, check_chain
 from omniframe.config import ConfigError, apply_overrides, build_pipeline, parse_config, read_yaml
 from omniframe.frames import (
     AudioCodesFrame,

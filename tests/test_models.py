@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from omniframe.models import ModelNotAvailable, resolve_model, split_uri
+from omniframe.model_uris import ModelNotAvailable, resolve_model, split_uri
 
 
 def test_split() -> None:
@@ -47,7 +47,7 @@ def test_random_and_unknown_scheme() -> None:
 def test_hub_failure_is_a_clear_message(tmp_path: Path) -> None:
     """Offline (as here, and as HF_HUB_OFFLINE forces): say what was tried and what to do."""
     code = (
-        "from omniframe.models import resolve_model, ModelNotAvailable\n"
+        "from omniframe.model_uris import resolve_model, ModelNotAvailable\n"
         "try:\n"
         "    resolve_model('hf://gpt-omni/mini-omni')\n"
         "except ModelNotAvailable as e:\n"

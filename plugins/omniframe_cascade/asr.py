@@ -31,7 +31,7 @@ from pydantic import Field
 
 from omniframe.audio import AudioError
 from omniframe.frames import EndOfTurnFrame, Frame, TranscriptFrame, UserTurnFrame
-from omniframe.models import ModelNotAvailable, resolve_model, split_uri
+from omniframe.model_uris import ModelNotAvailable, resolve_model, split_uri
 from omniframe.stage import Stage, StageOptions
 
 __all__ = ["ASRResult", "WhisperASR", "is_non_speech"]

@@ -63,7 +63,7 @@ def _exc_chain(exc: BaseException) -> Iterable[BaseException]:
 
 
 def _model_missing(exc: BaseException) -> BaseException | None:
-    from omniframe.models import ModelNotAvailable
+    from omniframe.model_uris import ModelNotAvailable
 
     for e in _exc_chain(exc):
         if isinstance(e, ModelNotAvailable):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from omniframe.models import ModelNotAvailable, resolve_model
+from omniframe.model_uris import ModelNotAvailable, resolve_model
 from omniframe.resources import default_resources
 
 __all__ = ["Embedder", "JudgeUnavailable", "SpokenAnswerAsr"]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 
 from . import tokens
 
@@ -101,7 +101,7 @@ def load_snac(uri: str = "hf://hubertsiuzdak/snac_24khz", *, device: str = "cpu"
               deterministic: bool = False, seed: int = 0, fast: bool = False) -> Any:
     """Load SNAC from a URI (see the module docstring); ``deterministic`` removes the noise,
     ``fast`` applies :func:`speed_up` (inference only)."""
-    from omniframe.models import resolve_model
+    from omniframe.model_uris import resolve_model
 
     ref = resolve_model(uri)
     if ref.is_random:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -313,7 +313,7 @@ def download_official(name: str, download_root: str | None = None) -> Path:
 def load_whisper_encoder(model: str, *, device: str = "cpu", dtype: str = "float32",
                          seed: int = 0, download_root: str | None = None) -> WhisperEncoder:
     """Load the encoder named by ``model``: a Whisper name (``small``), ``random://<size>``,
-    a local ``.pt`` file or folder, or any URI :func:`omniframe.models.resolve_model` knows."""
+    a local ``.pt`` file or folder, or any URI :func:`omniframe.model_uris.resolve_model` knows."""
     import torch
     import whisper
 
@@ -322,7 +322,7 @@ def load_whisper_encoder(model: str, *, device: str = "cpu", dtype: str = "float
     elif model.startswith("random://"):
         enc = random_encoder(model[len("random://"):], seed)
     else:
-        from omniframe.models import resolve_model
+        from omniframe.model_uris import resolve_model
 
         ref = resolve_model(model)
         if ref.path is None:

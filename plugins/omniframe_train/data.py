@@ -537,7 +537,7 @@ class Ct2WhisperEncoder:
         import ctranslate2
         from faster_whisper.feature_extractor import FeatureExtractor
 
-        from omniframe.models import resolve_model
+        from omniframe.model_uris import resolve_model
 
         ref = resolve_model(model)
         if ref.path is None:

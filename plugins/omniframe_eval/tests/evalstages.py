@@ -217,7 +217,7 @@ class ModelLm(Stage):
         model: str = "/nonexistent/model"
 
     async def setup(self) -> None:
-        from omniframe.models import resolve_model
+        from omniframe.model_uris import resolve_model
 
         self.ref = resolve_model(self.options.model)
 

@@ -85,7 +85,7 @@ def test_fastlm_decode_steps_match_the_model_in_bfloat16():
     """A bfloat16 decode step through FastLM (kernel where available, matmul attention) gives
     the plain model's logits up to bfloat16 rounding."""
     from omniframe_mini_omni.fastpath import FastLM
-    from omniframe_mini_omni.stages import _random_lm
+    from omniframe_mini_omni.lm_stage import _random_lm
 
     model = _random_lm("tiny", torch.bfloat16, "cpu", seed=3).model
     fast = FastLM(model)

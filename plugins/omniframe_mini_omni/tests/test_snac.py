@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from omniframe.frames import AudioCodesFrame, EndOfTurnFrame, InterruptFrame, OutputAudioFrame
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 from omniframe.resources import Resources
 from omniframe.session import Session
 from omniframe.stage import StageContext

@@ -38,13 +38,9 @@ pytest.importorskip("whisper")
 pytest.importorskip("snac")
 
 from omniframe_mini_omni import tokens  # noqa: E402
-from omniframe_mini_omni.stages import (  # noqa: E402
-    MiniOmniLM,
-    SnacCodec,
-    WhisperEncoderStage,
-    _ByteTokenizer,
-    _random_lm,
-)
+from omniframe_mini_omni.lm_stage import MiniOmniLM, _ByteTokenizer, _random_lm  # noqa: E402
+from omniframe_mini_omni.snac_stage import SnacCodec  # noqa: E402
+from omniframe_mini_omni.whisper_stage import WhisperEncoderStage  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
@@ -442,7 +438,7 @@ async def test_first_audio_chunk_is_decoded_before_the_next_lm_step(resources, m
     before the LM's next step, so the first audio does not wait for that step."""
     import threading
 
-    import omniframe_mini_omni.stages as stages_mod
+    import omniframe_mini_omni.lm_stage as stages_mod
     from omniframe_mini_omni.snac_codec import ChunkedDecoder
 
     calls: list[tuple[str, int]] = []

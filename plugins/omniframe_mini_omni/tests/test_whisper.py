@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from omniframe.frames import EndOfTurnFrame, ErrorFrame, FeaturesFrame, UserTurnFrame
-from omniframe.models import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable
 from omniframe.resources import Resources
 from omniframe.session import Session
 from omniframe.stage import StageContext
