@@ -707,6 +707,11 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
         ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device,
                            tools=toolbox)
         stages.append(r.cls(r.options, ctx))
+    if toolbox is not None and not any(_calls_tools(s) for s in stages):
+        raise ConfigError([("tools", "the config lists tools, but no stage of this pipeline "
+                                     "calls tools (an LM that consumes ToolResultFrame, such "
+                                     "as lm: transformers); remove tools: or use such an LM")],
+                          source)
     try:
         limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
                                                        strict=True) if spec.watchdog}
@@ -714,6 +719,12 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
                         watchdog=cfg.watchdog, stage_watchdog=limits, on_hang=on_hang)
     except (IncompatibleStages, PipelineError) as exc:
         raise ConfigError([("pipeline", str(exc))], source) from None
+
+
+def _calls_tools(stage: Any) -> bool:
+    from omniframe.frames import ToolResultFrame
+
+    return ToolResultFrame in stage.consumes  # named, not through a base such as Frame
 
 
 def config_schema() -> dict[str, Any]:

@@ -195,7 +195,7 @@ def test_plugins_register_tools_and_a_clash_names_both() -> None:
 
 
 PIPE = [{"kind": "source", "plugin": "text", "options": {"text": "hi"}},
-        {"kind": "lm", "plugin": "echo"}, {"kind": "sink", "plugin": "null"}]
+        {"kind": "lm", "plugin": "transformers"}, {"kind": "sink", "plugin": "null"}]
 WEATHER_SPEC = {"name": "get_weather", "description": "Weather in a city.",
                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                "required": ["city"]}}
@@ -213,6 +213,12 @@ def test_the_tools_key_round_trips_and_builds_the_toolbox() -> None:
     assert all(s.context.tools is box for s in pipeline.stages)
     # no tools: None, and nothing changes for the stages
     assert build_pipeline(parse_config({"pipeline": PIPE})).stages[1].context.tools is None
+
+
+def test_tools_for_a_pipeline_whose_lm_cannot_call_them_are_an_error() -> None:
+    echo = [PIPE[0], {"kind": "lm", "plugin": "echo"}, PIPE[2]]
+    with pytest.raises(ConfigError, match="no stage of this pipeline calls tools"):
+        build_pipeline(parse_config({"pipeline": echo, "tools": ["calculator"]}))
 
 
 @pytest.mark.parametrize(("tools", "where", "words"), [
