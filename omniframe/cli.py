@@ -214,21 +214,36 @@ def _construction_failed(exc: Exception, label: str) -> str:
 
 
 class _Printer:
-    """Prints the conversation as it streams, and one metrics line per turn."""
+    """Prints the conversation as it streams, and one metrics line per turn: the pipeline's
+    :class:`~omniframe.frames.MetricsFrame` (no collector of its own)."""
 
     def __init__(self, last_stage: str, print_text: bool, as_json: bool) -> None:
-        from omniframe.metrics import MetricsCollector
-
-        self.collector = MetricsCollector()
         self.last_stage = last_stage
         self.print_text = print_text
         self.as_json = as_json
         self._open: set[int] = set()
 
     def on_frame(self, stage: str, kind: str, frame: Any, now: float) -> None:
-        from omniframe.frames import EndOfTurnFrame, ErrorFrame, TextDeltaFrame, TranscriptFrame
+        from omniframe.frames import (
+            EndOfTurnFrame,
+            ErrorFrame,
+            MetricsFrame,
+            TextDeltaFrame,
+            TranscriptFrame,
+        )
+        from omniframe.metrics import turn_line
 
-        self.collector.on_frame(stage, kind, frame, now)
+        if isinstance(frame, MetricsFrame):  # from the pipeline, after the turn's end left
+            out = sys.stdout
+            if frame.turn in self._open:  # a turn that never ended, at the end of the run
+                self._open.discard(frame.turn)
+                out.write("\n")
+            if self.as_json:
+                out.write(json.dumps({"event": "turn", **frame.summary()}) + "\n")
+            else:
+                click.echo(f"[{turn_line(frame.summary())}]", err=True)
+            out.flush()
+            return
         if stage != self.last_stage:
             return
         out = sys.stdout
@@ -243,14 +258,9 @@ class _Printer:
                 out.flush()
         if isinstance(frame, EndOfTurnFrame):
             if frame.turn in self._open:
+                self._open.discard(frame.turn)
                 out.write("\n")
-            turn = self.collector.turns.get(frame.turn)
-            if turn is not None:
-                if self.as_json:
-                    out.write(json.dumps({"event": "turn", **turn.summary()}) + "\n")
-                else:
-                    click.echo(f"[{turn.line()}]", err=True)
-            out.flush()
+                out.flush()
         elif isinstance(frame, ErrorFrame):
             click.echo(f"warning: {frame.stage}: {frame.message}", err=True)
 

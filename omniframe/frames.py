@@ -36,6 +36,7 @@ __all__ = [
     "FeaturesFrame",
     "Frame",
     "InterruptFrame",
+    "MetricsFrame",
     "OutputAudioFrame",
     "SpeechEndFrame",
     "SpeechStartFrame",
@@ -323,6 +324,70 @@ class ErrorFrame(SystemFrame):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndOfStreamFrame(ControlFrame):
     """The input has ended. Ordered: it arrives after every frame produced before it."""
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsFrame(ControlFrame):
+    """The measurements of one answered turn (``turn``), made by the pipeline's metrics
+    collector when the turn's :class:`EndOfTurnFrame` has left the last stage (see
+    :mod:`omniframe.metrics` for where each time is stamped). It does not travel on the bus:
+    stages get it through an ``on_metrics(frame)`` method, observers in ``on_frame`` with
+    stage ``"pipeline"`` and kind ``"metrics"``. Durations in seconds; None where a time is
+    missing (no audio, no VAD).
+
+    Parameters:
+        voice_to_voice_s: the user stopped speaking → first answer audio out of the sink
+            (the same as ``first_audio_sink_s``).
+        vad_wait_s: the user stopped speaking → the VAD decided so.
+        response_s: the VAD's decision → first answer audio out of the sink.
+        first_text_s: the user stopped speaking → first answer text (any stage's).
+        asr_s: the VAD's decision → the final transcript.
+        first_audio_codec_s: the user stopped speaking → first answer audio out of the
+            stage that made it (the codec or TTS).
+        first_audio_sink_s: the user stopped speaking → first answer audio out of the sink
+            that plays it.
+        rtf: answer compute time / answer audio duration.
+        audio_out_s: answer audio played (all produced unless a sink reported a cut).
+        audio_produced_s: answer audio made.
+        interrupted: the answer was cut by a barge-in.
+        end_reason: the end of turn's ``reason``; None when the turn never ended.
+        transcript: what the user said (final transcript), where known.
+        text: the answer text that reached the end of the chain (after any text filter).
+        stage_busy_s: ``(stage name, seconds)`` pairs, in chain order: each stage's time in
+            its own calls since the previous MetricsFrame.
+    """
+
+    voice_to_voice_s: float | None = None
+    vad_wait_s: float | None = None
+    response_s: float | None = None
+    first_text_s: float | None = None
+    asr_s: float | None = None
+    first_audio_codec_s: float | None = None
+    first_audio_sink_s: float | None = None
+    rtf: float | None = None
+    audio_out_s: float = 0.0
+    audio_produced_s: float = 0.0
+    interrupted: bool = False
+    end_reason: str | None = None
+    transcript: str = ""
+    text: str = ""
+    stage_busy_s: tuple[tuple[str, float], ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, rounded: the keys of :meth:`omniframe.metrics.TurnMetrics.summary`."""
+        from dataclasses import fields
+
+        out: dict[str, Any] = {"turn": self.turn}
+        for f in fields(self):
+            if f.name in ("turn", "ts"):
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = round(v, 4) if isinstance(v, float) else v
+        out["stage_busy_s"] = {k: round(v, 4) for k, v in self.stage_busy_s}
+        return out
 
 
 def frame_types() -> dict[str, type[Frame]]:

@@ -1,23 +1,65 @@
-"""Metrics: per turn (latencies) and per stage (busy time, frames), collected by an observer.
+"""Metrics: per turn (latencies) and per stage (busy time, frames), collected by one observer.
 
-Latency definitions (all from monotonic timestamps):
+The pipeline runs one :class:`MetricsCollector`. It sees every frame as a stage emits it and
+attributes it to that stage, never to a kind: the stage that makes the answer audio is the
+first seen emitting an :class:`~omniframe.frames.OutputAudioFrame` of a turn, and so on.
+When a turn's :class:`~omniframe.frames.EndOfTurnFrame` leaves the last stage, the collector
+sends a :class:`~omniframe.frames.MetricsFrame` with the turn's figures to every stage that
+has an ``on_metrics(frame)`` method (in chain order) and to the pipeline's other observers, as
+``on_frame("pipeline", "metrics", frame, now)``: from the pipeline, not from a stage. Turns
+that never ended get theirs when the run ends, to the observers only. ``RunResult.turns``
+holds the same figures.
 
-* ``voice_to_voice_s``: the user stopped speaking (last voiced audio, by the VAD) to the first
-  sample of the answer's audio leaving the codec; includes the VAD's end-of-speech wait.
-* ``vad_wait_s``: the user stopped speaking to the VAD deciding so (hangover).
-* ``response_s``: the VAD's decision to first answer audio (model-side latency).
-* ``first_text_s``: the user stopped speaking to the first answer text.
-* ``rtf``: answer compute time divided by answer audio duration, per turn.
-* ``audio_out_s``: seconds of answer audio; after a barge-in, what the audio sink reports it
-  played before it stopped (a frame with ``played_s`` from a sink), not all that was made
-  (``audio_produced_s``).
+Where each time is stamped (all monotonic seconds):
+
+* ``speech_end_ts``: the user stopped speaking: the VAD's ``speech_end_ts`` (when the last
+  voiced audio arrived), carried by :class:`~omniframe.frames.SpeechEndFrame` /
+  :class:`~omniframe.frames.UserTurnFrame`.
+* ``vad_end_ts``: the VAD decided so: ``ts`` (creation time) of that frame.
+* ``transcript_ts``: ``ts`` of the turn's first final transcript.
+* ``first_text_ts``: ``ts`` of the turn's first :class:`~omniframe.frames.TextDeltaFrame`,
+  whichever stage made it (the LM's first token).
+* ``first_codes_ts``: ``ts`` of the first audio codes.
+* ``first_audio_codec_ts``: when the first answer audio chunk left the stage that made it
+  (the codec or TTS): the time of that emit, not the chunk's ``ts``.
+* ``first_audio_ts``: when that chunk left the sink that plays it: the first stage after the
+  maker that consumes ``OutputAudioFrame`` and passes on what it consumes
+  (``forward_consumed``, as sinks do); the last stage if none does. A real-time sink lets a
+  chunk go when it starts playing, so this is when the user starts hearing the answer.
+* ``end_ts``: ``ts`` of the turn's first end of turn.
+
+Derived figures (seconds):
+
+* ``voice_to_voice_s``: user stopped speaking → first answer audio out of the sink
+  (``first_audio_ts``); includes the VAD's end-of-speech wait. Also ``first_audio_sink_s``.
+* ``first_audio_codec_s``: user stopped speaking → first answer audio out of the codec.
+* ``vad_wait_s``: user stopped speaking → the VAD deciding so (hangover).
+* ``response_s``: the VAD's decision → first answer audio out of the sink (model side).
+* ``first_text_s``: user stopped speaking → first answer text.
+* ``asr_s``: the VAD's decision → the final transcript.
+* ``rtf``: answer compute time (VAD decision to end of turn) / answer audio duration.
+* ``audio_out_s``: seconds of answer audio; after a barge-in, what a sink reports it played
+  before it stopped (a frame with a float ``played_s``, e.g. omniframe_audio's
+  ``PlaybackStoppedFrame``), not all that was made (``audio_produced_s``).
+* ``stage_busy_s``: per stage, the seconds it spent in its own calls (process, generate, ...;
+  not waiting on a full outbox) since the previous MetricsFrame: the turn's share when turns
+  do not overlap.
+
+The turn's ``text`` is the answer text that went furthest down the chain: the text deltas
+emitted by the last stage that emitted any for the turn. That is what reached the codec and
+the sinks: a text filter (a ``processor``) between the LM and the codec changes it; a stage
+that only passes text on does not.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import structlog
 
 from omniframe.frames import (
     AudioCodesFrame,
@@ -25,6 +67,7 @@ from omniframe.frames import (
     EndOfTurnFrame,
     Frame,
     InterruptFrame,
+    MetricsFrame,
     OutputAudioFrame,
     SpeechEndFrame,
     SpeechStartFrame,
@@ -33,7 +76,14 @@ from omniframe.frames import (
     UserTurnFrame,
 )
 
-__all__ = ["MetricsCollector", "RunResult", "StageMetrics", "TurnMetrics", "percentile"]
+__all__ = ["METRICS_STAGE", "MetricsCollector", "RunResult", "StageMetrics", "TurnMetrics",
+           "percentile", "turn_line"]
+
+log = structlog.get_logger("omniframe.metrics")
+
+METRICS_STAGE = "pipeline"
+"""The stage name observers see with a MetricsFrame (kind ``metrics``): the pipeline itself,
+not one of its stages (no stage of a config may be called ``pipeline``)."""
 
 
 @dataclass
@@ -62,7 +112,8 @@ class TurnMetrics:
     transcript_ts: float | None = None
     first_text_ts: float | None = None
     first_codes_ts: float | None = None
-    first_audio_ts: float | None = None
+    first_audio_codec_ts: float | None = None  # left the stage that made it
+    first_audio_ts: float | None = None  # left the sink that plays it
     end_ts: float | None = None
     interrupted: bool = False
     end_reason: str | None = None
@@ -71,6 +122,8 @@ class TurnMetrics:
     audio_out_s: float = 0.0  # played; all produced unless a sink reported a cut
     audio_produced_s: float = 0.0
     user_audio_s: float = 0.0
+    stage_busy_s: dict[str, float] = field(default_factory=dict)
+    text_stage: int = -1  # chain index of the stage whose text ``text`` is
 
     def _since(self, a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else b - a
@@ -78,6 +131,14 @@ class TurnMetrics:
     @property
     def voice_to_voice_s(self) -> float | None:
         return self._since(self.speech_end_ts, self.first_audio_ts)
+
+    @property
+    def first_audio_sink_s(self) -> float | None:
+        return self.voice_to_voice_s
+
+    @property
+    def first_audio_codec_s(self) -> float | None:
+        return self._since(self.speech_end_ts, self.first_audio_codec_ts)
 
     @property
     def vad_wait_s(self) -> float | None:
@@ -113,6 +174,8 @@ class TurnMetrics:
             "response_s": r(self.response_s),
             "first_text_s": r(self.first_text_s),
             "asr_s": r(self.asr_s),
+            "first_audio_codec_s": r(self.first_audio_codec_s),
+            "first_audio_sink_s": r(self.first_audio_sink_s),
             "rtf": r(self.rtf),
             "audio_out_s": r(self.audio_out_s),
             "audio_produced_s": r(self.audio_produced_s),
@@ -120,23 +183,43 @@ class TurnMetrics:
             "end_reason": self.end_reason,
             "transcript": self.transcript,
             "text": self.text,
+            "stage_busy_s": {k: round(v, 4) for k, v in self.stage_busy_s.items()},
         }
+
+    def to_frame(self) -> MetricsFrame:
+        """These figures as a :class:`~omniframe.frames.MetricsFrame` (unrounded)."""
+        return MetricsFrame(
+            turn=self.turn, voice_to_voice_s=self.voice_to_voice_s,
+            vad_wait_s=self.vad_wait_s, response_s=self.response_s,
+            first_text_s=self.first_text_s, asr_s=self.asr_s,
+            first_audio_codec_s=self.first_audio_codec_s,
+            first_audio_sink_s=self.first_audio_sink_s, rtf=self.rtf,
+            audio_out_s=self.audio_out_s, audio_produced_s=self.audio_produced_s,
+            interrupted=self.interrupted, end_reason=self.end_reason,
+            transcript=self.transcript, text=self.text,
+            stage_busy_s=tuple(self.stage_busy_s.items()),
+        )
 
     def line(self) -> str:
         """One human line for the CLI."""
-        def ms(x: float | None) -> str:
-            return "-" if x is None else f"{x * 1000:.0f}ms"
+        return turn_line(self.summary())
 
-        rtf = "-" if self.rtf is None else f"{self.rtf:.2f}"
-        state = " interrupted" if self.interrupted else ""
-        made = self.audio_produced_s
-        of = f" of {made:.2f}s" if abs(made - self.audio_out_s) >= 0.005 else ""
-        return (
-            f"turn {self.turn}{state}: voice-to-voice {ms(self.voice_to_voice_s)} "
-            f"(vad wait {ms(self.vad_wait_s)}, response {ms(self.response_s)}), "
-            f"first text {ms(self.first_text_s)}, audio out {self.audio_out_s:.2f}s{of}, "
-            f"rtf {rtf}"
-        )
+
+def turn_line(s: Mapping[str, Any]) -> str:
+    """One human line from a turn's summary (:meth:`TurnMetrics.summary`,
+    :meth:`MetricsFrame.summary`)."""
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1000:.0f}ms"
+
+    rtf = "-" if s["rtf"] is None else f"{s['rtf']:.2f}"
+    state = " interrupted" if s["interrupted"] else ""
+    made, out = s["audio_produced_s"] or 0.0, s["audio_out_s"] or 0.0
+    of = f" of {made:.2f}s" if abs(made - out) >= 0.005 else ""
+    return (
+        f"turn {s['turn']}{state}: voice-to-voice {ms(s['voice_to_voice_s'])} "
+        f"(vad wait {ms(s['vad_wait_s'])}, response {ms(s['response_s'])}), "
+        f"first text {ms(s['first_text_s'])}, audio out {out:.2f}s{of}, rtf {rtf}"
+    )
 
 
 @dataclass
@@ -174,14 +257,39 @@ class RunResult:
 
 
 class MetricsCollector:
-    """The built-in observer: turns frames into :class:`TurnMetrics`. O(1) per frame."""
+    """The pipeline's observer that turns frames into :class:`TurnMetrics` and sends each
+    turn's :class:`~omniframe.frames.MetricsFrame`. O(1) per frame.
 
-    def __init__(self) -> None:
+    Parameters:
+        stages: the pipeline's stages, source first (their chain order and classes say which
+            stage plays the audio and whose text went furthest). Without them (a collector fed
+            by hand) the order in which stages are first seen stands in for the chain, the
+            first other stage that passes the answer audio on is taken for the sink, and no
+            MetricsFrame is sent (the last stage is unknown).
+        stage_metrics: the pipeline's per-stage counters, for ``stage_busy_s``.
+        observers: the observers that get each MetricsFrame (the pipeline's others).
+    """
+
+    def __init__(self, stages: Sequence[Any] = (), *,
+                 stage_metrics: Mapping[str, StageMetrics] | None = None,
+                 observers: Sequence[Any] = ()) -> None:
         self.turns: dict[int, TurnMetrics] = {}
         self.input_audio_s = 0.0
+        names = [s.context.name for s in stages]
+        self._index: dict[str, int] = {n: i for i, n in enumerate(names)}
+        self._stages = list(stages)
+        self._source: str | None = names[0] if names else None  # whose AudioFrames count
+        self._last: str | None = names[-1] if names else None
         self._audio_maker: str | None = None  # the stage that makes the answer audio
+        self._sink: str | None = None  # the stage whose emit of it is "heard"
         self._player: str | None = None  # the sink whose played_s reports count
         self._played: set[int] = set()  # turns whose played audio a sink reported
+        self._sent: set[int] = set()  # turns whose MetricsFrame was sent
+        self._stage_metrics = stage_metrics or {}
+        self._busy_before: dict[str, float] = {}
+        self._observers = tuple(observers)
+        self._on_metrics = [(n, fn) for n, s in zip(names, stages, strict=True)
+                            if callable(fn := getattr(s, "on_metrics", None))]
 
     def _turn(self, n: int) -> TurnMetrics:
         t = self.turns.get(n)
@@ -189,10 +297,22 @@ class MetricsCollector:
             t = self.turns[n] = TurnMetrics(turn=n)
         return t
 
+    def _pick_sink(self, maker: str) -> str | None:
+        """The stage after ``maker`` that plays its audio (see the module doc)."""
+        if not self._stages:
+            return None  # learnt from the frames
+        after = self._stages[self._index[maker] + 1:] if maker in self._index else []
+        for st in after:
+            if st.forward_consumed and any(issubclass(OutputAudioFrame, c) for c in st.consumes):
+                return str(st.context.name)
+        return self._last
+
     def on_frame(self, stage: str, kind: str, frame: Frame, now: float) -> None:
         cls = type(frame)
         if cls is AudioFrame:
-            if kind == "source":
+            if self._source is None:
+                self._source = stage  # the first stage seen emitting input audio made it
+            if stage == self._source:
                 self.input_audio_s += frame.duration  # type: ignore[attr-defined]
             return
         n = frame.turn
@@ -202,19 +322,30 @@ class MetricsCollector:
         if cls is TextDeltaFrame:
             if t.first_text_ts is None:
                 t.first_text_ts = frame.ts
-            if kind == "lm":
+            i = self._index.get(stage)
+            if i is None:
+                i = self._index[stage] = len(self._index)
+            if i > t.text_stage:  # a stage further down: its text is what went on
+                t.text_stage = i
+                t.text = frame.text  # type: ignore[attr-defined]
+            elif i == t.text_stage:
                 t.text += frame.text  # type: ignore[attr-defined]
         elif cls is OutputAudioFrame:
             # each chunk is counted once, at the stage that makes it: the first stage seen
             # emitting answer audio (later stages only pass it on)
             if self._audio_maker is None:
                 self._audio_maker = stage
+                self._sink = self._pick_sink(stage)
             if stage == self._audio_maker:
                 t.audio_produced_s += frame.duration  # type: ignore[attr-defined]
                 if n not in self._played:
                     t.audio_out_s += frame.duration  # type: ignore[attr-defined]
-            if kind == "sink" and t.first_audio_ts is None:
-                t.first_audio_ts = now  # left the first sink: the user hears it
+                if t.first_audio_codec_ts is None:
+                    t.first_audio_codec_ts = now
+            elif self._sink is None:
+                self._sink = stage  # by hand: the first other stage that passes it on
+            if stage == self._sink and t.first_audio_ts is None:
+                t.first_audio_ts = now  # left the sink: the user hears it
         elif cls is AudioCodesFrame:
             if t.first_codes_ts is None:
                 t.first_codes_ts = frame.ts
@@ -241,26 +372,63 @@ class MetricsCollector:
                 t.end_reason = frame.reason  # type: ignore[attr-defined]
                 if frame.reason == "interrupted":  # type: ignore[attr-defined]
                     t.interrupted = True
+            if (stage == self._last and n not in self._sent
+                    and frame.reason != "tool_call"):  # type: ignore[attr-defined]
+                self._send(t, now, to_stages=True)  # the turn has left the pipeline
         elif cls is InterruptFrame:
             prev = self.turns.get(n - 1)
             if prev is not None and prev.end_ts is None:
                 prev.interrupted = True
-        elif kind == "sink" and isinstance(getattr(frame, "played_s", None), float):
+        elif isinstance(getattr(frame, "played_s", None), float):
             # a sink stopped playing this answer (omniframe_audio's PlaybackStoppedFrame):
-            # it knows what was played; the first sink that reports is the one counted
+            # it knows what was played; the first stage seen reporting is the one counted
             if self._player is None:
                 self._player = stage
             if stage == self._player:
                 t.audio_out_s = frame.played_s  # type: ignore[attr-defined]
                 self._played.add(n)
 
+    def _send(self, t: TurnMetrics, now: float, to_stages: bool) -> None:
+        """Finish ``t``'s figures and send its MetricsFrame."""
+        self._sent.add(t.turn)
+        for name, m in self._stage_metrics.items():
+            t.stage_busy_s[name] = m.busy_s - self._busy_before.get(name, 0.0)
+            self._busy_before[name] = m.busy_s
+        frame = t.to_frame()
+        if to_stages:
+            for name, on_metrics in self._on_metrics:
+                try:
+                    on_metrics(frame)
+                except Exception as exc:  # metrics are a side channel: never stop the run
+                    log.error("on_metrics failed", stage=name,
+                              error=f"{type(exc).__name__}: {exc}")
+        for obs in self._observers:
+            obs.on_frame(METRICS_STAGE, "metrics", frame, now)
+
     def result(self, *, stages: dict[str, StageMetrics], wall_s: float, setup_s: float,
                frames: list[Frame] | None) -> RunResult:
-        return RunResult(
+        """The run's metrics. Called once when the run ends: turns that never left the last
+        stage get their MetricsFrame now (observers only), then observers with an
+        ``on_run_end(result)`` method are called."""
+        now = time.monotonic()
+        if self._last is not None:
+            for n in sorted(self.turns):
+                if n not in self._sent:
+                    self._send(self.turns[n], now, to_stages=False)
+        result = RunResult(
             turns=[self.turns[k] for k in sorted(self.turns)],
             stages=stages, wall_s=wall_s, setup_s=setup_s,
             input_audio_s=self.input_audio_s, frames=frames,
         )
+        for obs in self._observers:
+            end = getattr(obs, "on_run_end", None)
+            if callable(end):
+                try:
+                    end(result)
+                except Exception as exc:  # after the run: report, do not mask its outcome
+                    log.error("observer on_run_end failed", observer=type(obs).__name__,
+                              error=f"{type(exc).__name__}: {exc}")
+        return result
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -316,7 +316,8 @@ class Pipeline:
     Parameters:
         stages: the stages, source first.
         buffer: frames each data lane holds before the sender waits (backpressure).
-        observers: extra observers (a :class:`MetricsCollector` is always added).
+        observers: extra observers (a :class:`MetricsCollector` is always added; it sends them
+            each turn's :class:`~omniframe.frames.MetricsFrame`).
         collect: keep every frame that leaves the last stage in ``RunResult.frames``.
         watchdog: limits for every stage (:class:`~omniframe.watchdog.WatchdogLimits`);
             ``None`` keeps the defaults.
@@ -401,8 +402,12 @@ class Pipeline:
         """Set up every stage, move frames until the input ends, tear down, return metrics."""
         stage_metrics = {s.context.name: StageMetrics(name=s.context.name, kind=s.kind)
                          for s in self.stages}
-        collector = MetricsCollector()
-        observers: list[Observer] = [collector, *self.observers]
+        # the one collector; it sends each turn's MetricsFrame to the stages' on_metrics and
+        # to the other observers when the turn's end of turn has left the last stage. Last in
+        # the list, so the others see that end of turn before the MetricsFrame.
+        collector = MetricsCollector(self.stages, stage_metrics=stage_metrics,
+                                     observers=self.observers)
+        observers: list[Observer] = [*self.observers, collector]
         frames: list[Frame] = []
         acts = {s.context.name: Activity(s.context.name, s.kind, self._limits(s))
                 for s in self.stages}

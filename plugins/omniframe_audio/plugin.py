@@ -23,3 +23,11 @@ def register_stages(register: Callable[[type[Stage]], None]) -> None:
     for cls in (FileSource, SynthSource, MicSource, TextSource, EnergyVAD, SileroVAD, WebRTCVAD,
                 WavSink, TextSink, NullSink, SpeakerSink):
         register(cls)
+
+
+@hookimpl
+def register_observers(register: Callable[[str, Callable[..., object]], None]) -> None:
+    """Register ``latency-csv``: each turn's latencies to a CSV file."""
+    from omniframe_audio.latency_csv import LatencyCsv
+
+    register("latency-csv", LatencyCsv)
