@@ -1,0 +1,390 @@
+"""A step-loop inference engine: many requests (sessions' turns) on one loaded model.
+
+Model-agnostic: it knows slots, a FIFO queue, a step loop and cancellation; what a step
+computes is the :class:`EngineModel`'s business (Mini-Omni's is
+``omniframe_mini_omni.engine``). Torch is never imported here.
+
+How it runs::
+
+    engine = Engine(model, capacity=8, prefill_budget=512, device="cpu")
+    async with engine.submit(payload) as request:   # queued, then admitted to a slot
+        async for item in request:                   # what the model emitted for it, step by step
+            ...
+    # leaving the block (end, error, cancellation, break) frees the slot
+
+* **Slots.** At most ``capacity`` requests are admitted at once; the others wait in FIFO order.
+* **Step loop.** One driver thread per engine repeats: release what was cancelled, admit queued
+  requests (FIFO) within the **prefill budget** (the sum of their :meth:`EngineModel.prefill_cost`
+  may not pass ``prefill_budget``, except that one request is always admitted when none else is,
+  so a long prompt is never starved), then one step job that prefills the admitted requests and
+  decodes every running one (``EngineModel.step``). Each running request therefore advances one
+  step per engine step whatever joins: a new prompt costs the others at most one step's delay of
+  ``prefill_budget`` positions. Whole prompts, not chunks: a model may need to see a prompt at
+  once (Mini-Omni splices Whisper frames into it, and its tokens stay those of a solo run only
+  when the prefill has the solo run's shapes).
+* **Compute thread.** On a CPU device the step job runs on the process's one compute thread
+  (:meth:`omniframe.stage.Stage.run_compute`'s), with the jobs of every other stage; elsewhere
+  on the driver thread.
+* **Routing.** What a step emits for a request goes to that request's asyncio queue on the
+  consumer's own event loop (sessions may run on different loops/threads).
+* **Cancellation.** A request may be cancelled at any point (consumer cancelled, ``break``, an
+  exception, the consumer's loop closed): queued, it leaves the queue; admitted, it is dropped at
+  the next step boundary, ``EngineModel.release`` runs on the compute thread, and the slot is
+  free. Leaving ``async with`` waits (shielded, bounded) until that happened, so a cancelled
+  consumer never continues while a step still computes for it. A step that raises for one
+  request ends that request only (:class:`StepResult.error`); a step job that raises ends the
+  requests of that step with the error; every path releases and frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+RELEASE_WAIT_S = 30.0
+"""How long leaving a request waits for the engine to confirm that its slot is free."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed while the request was queued or running."""
+
+
+@dataclass
+class StepResult:
+    """What a step produced for one request.
+
+    Attributes:
+        items: zero or more items for the consumer, in order.
+        done: the request is finished (after ``items``); its slot is released.
+        error: the request failed; the consumer's iteration raises it.
+        info: a final value kept on :attr:`Request.info` (e.g. a stop reason).
+    """
+
+    items: list[Any] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+    info: Any = None
+
+
+class EngineModel(Protocol):
+    """The model-specific part. All methods run on the compute thread, one at a time."""
+
+    def prefill_cost(self, payload: Any) -> int:
+        """Positions (tokens x rows) the prefill of ``payload`` computes, for the budget.
+        Called on the consumer's thread at submit time: keep it cheap and pure."""
+        ...
+
+    def step(self, prefill: Sequence[Work], decode: Sequence[Work]) -> dict[int, StepResult]:
+        """Prefill ``prefill`` (set ``work.state``), then decode one step of ``decode``.
+        Return a result per request id that has something to report (a request missing from
+        the dict got nothing this step and keeps running)."""
+        ...
+
+    def release(self, work: Work) -> None:
+        """Free what the request holds (caches...). Called once per admitted request."""
+        ...
+
+
+@dataclass(eq=False)
+class Work:
+    """A request as the model sees it: its payload and the state the model keeps for it."""
+
+    id: int
+    payload: Any
+    state: Any = None
+
+
+_END = object()
+
+
+class Request:
+    """One request's handle: an async iterator of the items the engine produces for it."""
+
+    def __init__(self, engine: Engine, work: Work, cost: int) -> None:
+        self._engine = engine
+        self.work = work
+        self.cost = cost
+        self.info: Any = None
+        self.admitted = False
+        self.finished = False  # done, failed or cancelled, and its slot (if any) released
+        self._cancelled = False
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._released = asyncio.Event()
+
+    @property
+    def id(self) -> int:
+        return self.work.id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def __aiter__(self) -> Request:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # stays ended
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            self._queue.put_nowait(item)
+            raise item.error
+        return item
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (thread-safe, idempotent)."""
+        self._engine._cancel(self)
+
+    async def wait_released(self, timeout: float = RELEASE_WAIT_S) -> bool:
+        """Wait (shielded from cancellation) until the engine has freed this request's slot."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.shield(asyncio.wait_for(self._released.wait(), timeout))
+        return self._released.is_set()
+
+    # ---------------------------------------------------------------- engine side (any thread)
+    def _post(self, item: Any) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: the consumer is gone
+            return False
+        return True
+
+    def _mark_released(self) -> None:
+        self.finished = True
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._released.set)
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class Engine:
+    """Slots, a FIFO queue and a step loop around one :class:`EngineModel` (see the module
+    docstring).
+
+    Args:
+        model: the model-specific part.
+        capacity: requests admitted (decoding) at once; the rest queue.
+        prefill_budget: prefill positions admitted per step (at least one request per step).
+        device: ``cpu...`` runs step jobs on the process's compute thread.
+        name: for the driver thread's name and the log.
+    """
+
+    def __init__(self, model: EngineModel, *, capacity: int = 8, prefill_budget: int = 512,
+                 device: str = "cpu", name: str = "engine") -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
+        self.model = model
+        self.capacity = capacity
+        self.prefill_budget = prefill_budget
+        self.device = str(device)
+        self.name = name
+        self._cond = threading.Condition()
+        self._queue: deque[Request] = deque()
+        self._active: dict[int, Request] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # engine steps run (for tests and metrics)
+        self.step_log: list[tuple[int, int]] | None = None  # (prefills, decodes) per step
+
+    # ------------------------------------------------------------------ public
+    @property
+    def active(self) -> int:
+        """Requests holding a slot."""
+        with self._cond:
+            return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @contextlib.asynccontextmanager
+    async def submit(self, payload: Any) -> AsyncIterator[Request]:
+        """Queue a request; yields its :class:`Request`. Leaving the block cancels it if it is
+        still running and waits until its slot is free."""
+        request = self._enqueue(payload)
+        try:
+            yield request
+        finally:
+            if not request.finished:
+                request.cancel()
+                await request.wait_released()
+
+    def close(self) -> None:
+        """Stop the step loop; queued and running requests end with :class:`EngineClosed`
+        (their slots are released by the driver before it exits)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=RELEASE_WAIT_S)
+
+    # ------------------------------------------------------------------ internals
+    def _enqueue(self, payload: Any) -> Request:
+        cost = max(1, int(self.model.prefill_cost(payload)))
+        with self._cond:
+            if self._closed:
+                raise EngineClosed(f"{self.name} is closed")
+            request = Request(self, Work(next(self._ids), payload), cost)
+            self._queue.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drive, name=f"omniframe-{self.name}",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return request
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            if request.finished or request._cancelled:
+                return
+            request._cancelled = True
+            if not request.admitted:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(request)
+                request._post(_END)
+                request._mark_released()
+                return
+            self._cond.notify_all()  # the driver releases it at the next step boundary
+
+    def _drive(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._queue and not self._active:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    prefill = self._admit()
+                    decode = [r for r in self._active.values()
+                              if r not in prefill and not r._cancelled]
+                    cancelled = [r for r in self._active.values() if r._cancelled]
+                self._run_step(prefill, decode, cancelled)
+        except BaseException:  # a bug of the loop itself: fail everyone, never hang them
+            log.exception("%s: step loop failed", self.name)
+            with self._cond:
+                self._closed = True
+            raise
+        finally:
+            self._shutdown()
+
+    def _admit(self) -> list[Request]:
+        """FIFO admission within free slots and the prefill budget (lock held)."""
+        admitted: list[Request] = []
+        used = 0
+        while self._queue and len(self._active) < self.capacity:
+            nxt = self._queue[0]
+            if admitted and used + nxt.cost > self.prefill_budget:
+                break
+            self._queue.popleft()
+            nxt.admitted = True
+            self._active[nxt.id] = nxt
+            admitted.append(nxt)
+            used += nxt.cost
+        return admitted
+
+    def _run_step(self, prefill: list[Request], decode: list[Request],
+                  cancelled: list[Request]) -> None:
+        def job() -> tuple[dict[int, StepResult] | None, BaseException | None, list[Request]]:
+            released = [r for r in cancelled]
+            for r in cancelled:
+                self._release(r)
+            results: dict[int, StepResult] | None = None
+            error: BaseException | None = None
+            if prefill or decode:
+                try:
+                    results = self.model.step([r.work for r in prefill], [r.work for r in decode])
+                except Exception as exc:  # noqa: BLE001 (reported to the requests of this step)
+                    error = exc
+                for r in (*prefill, *decode):
+                    res = results.get(r.id) if results is not None else None
+                    if error is not None or (res is not None and (res.done or res.error)):
+                        self._release(r)
+                        released.append(r)
+            return results, error, released
+
+        if self.device.startswith("cpu"):
+            from omniframe.stage import _compute_executor
+
+            results, error, released = _compute_executor().submit(job).result()
+        else:
+            results, error, released = job()
+        self.steps += 1
+        if self.step_log is not None:
+            self.step_log.append((len(prefill), len(decode)))
+
+        for r in (*prefill, *decode):
+            if error is not None:
+                r._post(_Failure(error))
+                continue
+            res = (results or {}).get(r.id)
+            if res is None:
+                continue
+            for item in res.items:
+                if not r._post(item):
+                    r.cancel()
+                    break
+            if res.info is not None:
+                r.info = res.info
+            if res.error is not None:
+                r._post(_Failure(res.error))
+            elif res.done:
+                r._post(_END)
+        with self._cond:
+            for r in released:
+                self._active.pop(r.id, None)
+                if r._cancelled:
+                    r._post(_END)
+                r._mark_released()
+
+    def _release(self, request: Request) -> None:
+        try:
+            self.model.release(request.work)
+        except Exception:  # noqa: BLE001 (the slot is freed whatever release did)
+            log.exception("%s: release of request %d failed", self.name, request.id)
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            active = list(self._active.values())
+        for r in queued:
+            r._post(_Failure(EngineClosed(f"{self.name} closed")))
+            r._mark_released()
+        if active:
+            def release_all() -> None:
+                for r in active:
+                    self._release(r)
+
+            try:
+                if self.device.startswith("cpu"):
+                    from omniframe.stage import _compute_executor
+
+                    _compute_executor().submit(release_all).result()
+                else:
+                    release_all()
+            finally:
+                with self._cond:
+                    for r in active:
+                        self._active.pop(r.id, None)
+                        r._post(_Failure(EngineClosed(f"{self.name} closed")))
+                        r._mark_released()
