@@ -102,7 +102,7 @@ def check_files(cfg: PipelineConfig, label: str, record: str | None = None,
                 if v is not None:
                     given = input_path is not None and Path(str(v)) == Path(input_path)
                     reads.append(("--input" if given else f"{r.name}.options.{opt_in}", str(v)))
-        if r.spec.kind == "sink" and opt_out:
+        if opt_out:  # a stage that writes a file (a sink, whatever its kind label)
             value = getattr(r.options, opt_out, None)
             if value is not None and str(value) != "-":
                 given = output_path is not None and Path(str(value)) == Path(output_path)
@@ -193,7 +193,7 @@ def _prepare_config(config: str | None, overrides: tuple[str, ...] | list[str],
     if output_path is not None:
         suffix = Path(output_path).suffix.lower()
         sinks = [(n, r) for n, r in zip(names, resolved, strict=True)
-                 if r.spec.kind == "sink" and getattr(r.cls, "output_option", None)]
+                 if getattr(r.cls, "output_option", None)]
         match = [(n, r) for n, r in sinks if suffix in getattr(r.cls, "output_suffixes", ())]
         if not match:
             known = ", ".join(f"{n} ({'/'.join(r.cls.output_suffixes)})" for n, r in sinks)
