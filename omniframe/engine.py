@@ -181,10 +181,14 @@ class Engine:
         prefill_budget: prefill positions admitted per step (at least one request per step).
         device: ``cpu...`` runs step jobs on the process's compute thread.
         name: for the driver thread's name and the log.
+        gate: a lock the driver thread holds around each step job (never the compute thread:
+            a holder may need the compute thread to finish), e.g. a model lock shared with
+            code that runs the model outside the engine.
     """
 
     def __init__(self, model: EngineModel, *, capacity: int = 8, prefill_budget: int = 512,
-                 device: str = "cpu", name: str = "engine") -> None:
+                 device: str = "cpu", name: str = "engine",
+                 gate: threading.Lock | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if prefill_budget < 1:
@@ -194,6 +198,7 @@ class Engine:
         self.prefill_budget = prefill_budget
         self.device = str(device)
         self.name = name
+        self.gate = gate
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
         self._active: dict[int, Request] = {}
@@ -321,12 +326,13 @@ class Engine:
                         released.append(r)
             return results, error, released
 
-        if self.device.startswith("cpu"):
-            from omniframe.stage import _compute_executor
+        with self.gate if self.gate is not None else contextlib.nullcontext():
+            if self.device.startswith("cpu"):
+                from omniframe.stage import _compute_executor
 
-            results, error, released = _compute_executor().submit(job).result()
-        else:
-            results, error, released = job()
+                results, error, released = _compute_executor().submit(job).result()
+            else:
+                results, error, released = job()
         self.steps += 1
         if self.step_log is not None:
             self.step_log.append((len(prefill), len(decode)))

@@ -1,0 +1,203 @@
+"""Mini-Omni on the engine: several turns of different tasks, inputs and start times decode
+together and each gets exactly the tokens of its solo run (the stage's fast path), fp32,
+greedy and seeded sampling."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from omniframe_mini_omni.engine import MiniOmniEngineModel, TurnRequest
+from omniframe_mini_omni.fastpath import FastLM
+from omniframe_mini_omni.generate import GenerationStream, SamplingOptions
+from omniframe_mini_omni.tokens import EOT, Task
+
+from omniframe.engine import Engine, Work
+
+pytestmark = pytest.mark.usefixtures("_one_thread")
+
+GREEDY = SamplingOptions()
+SAMPLED = SamplingOptions(temperature=0.9, top_k=50, top_p=0.95)
+
+
+def requests(model) -> list[TurnRequest]:
+    g = torch.Generator().manual_seed(7)
+    D = model.config.whisper_adapter_dim
+
+    def feats(n):
+        return torch.randn(n, D, generator=g)
+
+    return [
+        TurnRequest("A1A2", whisper_features=feats(11), max_steps=30),
+        TurnRequest("A1T2", whisper_features=feats(7), max_steps=12),
+        TurnRequest("T1A2", text_ids=[5, 9, 200, 31], max_steps=25, sampling=SAMPLED, seed=3),
+        TurnRequest("A1A2", whisper_features=feats(19), max_steps=22, sampling=SAMPLED, seed=11),
+        TurnRequest("T1T2", text_ids=[1, 2, 3], max_steps=9, sampling=SAMPLED, seed=5),
+        TurnRequest("ASR", whisper_features=feats(5), max_steps=14),
+        TurnRequest("T1A2", text_ids=[77, 78], max_steps=18, batch_parallel=True),
+    ]
+
+
+def solo(model, r: TurnRequest):
+    """What the LM stage does for one turn alone (GenerationStream over FastLM)."""
+    greedy = r.sampling.top_k == 1 or r.sampling.temperature == 0.0
+    fast = FastLM(model, skip_text_head=greedy and Task(r.task).audio_output)
+    trace = []
+    with torch.inference_mode():
+        stream = GenerationStream(fast, r.task, whisper_features=r.whisper_features,
+                                  text_ids=r.text_ids, batch_parallel=r.batch_parallel,
+                                  sampling=r.sampling, seed=r.seed, max_steps=r.max_steps,
+                                  trace=trace.append)
+        steps = []
+        for step in stream:
+            steps.append(step)
+            if step.text == EOT:
+                fast.text_ended()
+    return steps, stream.stop_reason, trace
+
+
+@pytest.fixture(scope="module")
+def solos(tiny_model):
+    return [solo(tiny_model, r) for r in requests(tiny_model)]
+
+
+def drive(em: MiniOmniEngineModel, reqs: list[TurnRequest], starts: list[int]):
+    """Step the engine model by hand: request i is prefilled at engine step starts[i]."""
+    works = [Work(i, r) for i, r in enumerate(reqs)]
+    out: dict[int, list] = {i: [] for i in range(len(reqs))}
+    info: dict[int, str] = {}
+    running: list[Work] = []
+    step = 0
+    while len(info) < len(reqs):
+        prefill = [w for w in works if starts[w.id] == step]
+        res = em.step(prefill, running)
+        for w in (*prefill, *running):
+            r = res[w.id]
+            assert r.error is None, r.error
+            out[w.id] += r.items
+            if r.done:
+                info[w.id] = r.info
+                em.release(w)
+        running = [w for w in (*running, *prefill) if w.id not in info]
+        step += 1
+    return out, info
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_interleaved_turns_match_solo_runs(tiny_model, solos, exact):
+    reqs = requests(tiny_model)
+    traces: dict[int, list] = {i: [] for i in range(len(reqs))}
+    for i, r in enumerate(reqs):
+        r.trace = traces[i].append
+    em = MiniOmniEngineModel(tiny_model, exact=exact)
+    out, info = drive(em, reqs, starts=[0, 0, 3, 4, 4, 10, 17])
+    for i, (steps, reason, trace) in enumerate(solos):
+        assert out[i] == steps, f"request {i} ({reqs[i].task})"
+        assert info[i] == reason
+        assert traces[i] == trace
+    assert em.last_rows >= 1
+
+
+@pytest.fixture(scope="module")
+def eot_model():
+    """A tiny model whose text head likes EOT (its tied embedding row points along the mean
+    hidden state): speech turns end their text mid-answer, then decode pad_t."""
+    from omniframe_mini_omni.config import Config
+    from omniframe_mini_omni.model import GPT
+
+    model = GPT(Config.from_name("tiny"))
+    model.init_weights(torch.Generator().manual_seed(1234))
+    model.eval()
+    with torch.no_grad():
+        ids = torch.randint(0, 1000, (1, 8, 20), generator=torch.Generator().manual_seed(0))
+        d = model.forward_embeddings(model.embed(ids)).mean(dim=(0, 1))
+        model.transformer.wte.weight[EOT] = d / d.norm()
+    return model
+
+
+def test_text_ending_mid_answer_matches_solo(eot_model):
+    """Greedy speech turns skip the text head after EOT (as the stage's FastLM does), sampled
+    ones keep drawing it; both stay the solo run's tokens."""
+    g = torch.Generator().manual_seed(3)
+    D = eot_model.config.whisper_adapter_dim
+    reqs = [TurnRequest("A1A2", whisper_features=torch.randn(n, D, generator=g), max_steps=20)
+            for n in (9, 13, 6)]
+    reqs += [TurnRequest("A1A2", whisper_features=torch.randn(9, D, generator=g), max_steps=20,
+                         sampling=SAMPLED, seed=2),
+             TurnRequest("T1A2", text_ids=[5, 9, 200, 31], max_steps=20)]
+    solos = [solo(eot_model, r) for r in reqs]
+    ended = [next((s.step for s in steps if s.text == EOT), None) for steps, _, _ in solos]
+    assert any(e is not None and e > 0 for e in ended), ended  # the case under test occurs
+    out, info = drive(MiniOmniEngineModel(eot_model), reqs, starts=[0, 1, 1, 2, 5])
+    for i, (steps, reason, _) in enumerate(solos):
+        assert out[i] == steps, f"request {i}"
+        assert info[i] == reason
+
+
+@pytest.mark.anyio
+async def test_engine_sessions_with_random_start_times(tiny_model, solos):
+    reqs = requests(tiny_model)
+    engine = Engine(MiniOmniEngineModel(tiny_model), capacity=4, prefill_budget=16,
+                    device="cpu")
+    engine.step_log = []
+
+    async def one(i, delay):
+        await asyncio.sleep(delay)
+        async with engine.submit(reqs[i]) as req:
+            return [s async for s in req], req.info
+
+    try:
+        got = await asyncio.gather(*(one(i, 0.01 * ((i * 5) % 7)) for i in range(len(reqs))))
+    finally:
+        engine.close()
+    for i, (steps, reason, _) in enumerate(solos):
+        assert got[i] == (steps, reason), f"request {i}"
+    assert max(d for _, d in engine.step_log) >= 2  # several turns decoded in one step
+    assert engine.active == 0
+
+
+@pytest.mark.anyio
+async def test_cancelled_turn_does_not_disturb_others(tiny_model, solos):
+    reqs = requests(tiny_model)
+    engine = Engine(MiniOmniEngineModel(tiny_model), capacity=8, device="cpu")
+
+    async def one(i):
+        async with engine.submit(reqs[i]) as req:
+            return [s async for s in req]
+
+    async def victim():
+        async with engine.submit(TurnRequest("A1A2", whisper_features=reqs[0].whisper_features,
+                                             max_steps=500)) as req:
+            async for s in req:
+                if s.step == 5:
+                    raise asyncio.CancelledError  # barge-in mid-answer
+
+    try:
+        results = await asyncio.gather(one(0), one(2), victim(), return_exceptions=True)
+    finally:
+        engine.close()
+    assert results[0] == solos[0][0] and results[1] == solos[2][0]
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert engine.active == 0
+
+
+@pytest.mark.anyio
+async def test_too_long_prompt_is_an_error_for_that_turn_only(tiny_model, solos):
+    reqs = requests(tiny_model)
+    engine = Engine(MiniOmniEngineModel(tiny_model), capacity=8, device="cpu")
+    block = tiny_model.config.block_size
+
+    async def one(r):
+        async with engine.submit(r) as req:
+            return [s async for s in req]
+
+    try:
+        good, bad = await asyncio.gather(
+            one(reqs[1]), one(TurnRequest("T1T2", text_ids=[1] * block)),
+            return_exceptions=True)
+    finally:
+        engine.close()
+    assert good == solos[1][0]
+    assert isinstance(bad, ValueError) and "max_returned_tokens" in str(bad)
+    assert engine.active == 0
