@@ -381,4 +381,8 @@ async def test_smollm2_with_tools(smollm: Any) -> None:
     assert isinstance(out[-1], EndOfTurnFrame) and out[-1].reason in ("completed",
                                                                       "max_tokens", "empty")
     assert "<tool_call>" not in spoken(out)
-    assert "<tools>" in json.dumps(lm.last_messages)
+    prompt = lm.lm.tokenizer.decode(lm.lm.encode(lm.last_messages, None, lm.tools.schemas()))
+    assert "<tools>" in prompt and '"name": "current_time"' in prompt  # what it was shown
+    calls = [f for f in out if isinstance(f, ToolCallFrame)]
+    results = [f for f in out if isinstance(f, ToolResultFrame)]
+    assert len(calls) == len(results)  # any call it did make was run
