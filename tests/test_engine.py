@@ -76,6 +76,7 @@ def fake():
 
 
 async def test_sessions_get_exactly_their_items(fake):
+    fake.delay = 0.005  # steps take time, so that the requests overlap
     engine = Engine(fake, capacity=8, device="cpu")
     try:
         runs = await asyncio.gather(*(collect(engine, (f"r{i}", 3 + i, 10), start=0.003 * i)
