@@ -96,7 +96,23 @@ class Session:
         return None
 
     def truncate(self, turn: int, heard: str) -> None:
-        """Record that only ``heard`` of the assistant's answer to ``turn`` reached the user."""
+        """Record that only ``heard`` of the assistant's answer to ``turn`` reached the user.
+
+        An answer that called tools is several assistant messages (the text before each
+        round of calls, then the answer): ``heard`` covers them in order, so each keeps the
+        part of it that was heard (compared without regard to whitespace)."""
+        with self._lock:
+            said = [m for m in self.messages
+                    if m.role == "assistant" and m.turn == turn and m.text.strip()]
+        if len(said) > 1:
+            rest = " ".join(heard.split())
+            for m in said:
+                text = " ".join(m.text.split())
+                if rest.startswith(text):
+                    rest = rest[len(text):].lstrip()
+                    continue
+                m.heard, m.interrupted, rest = rest, True, ""
+            return
         msg = self.last("assistant", turn)
         if msg is not None:
             msg.heard = heard

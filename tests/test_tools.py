@@ -378,6 +378,21 @@ def test_the_session_keeps_calls_and_results_as_items() -> None:
                            {"role": "assistant", "content": "Snow in Oslo."}]
 
 
+def test_truncating_an_answer_that_called_tools_cuts_each_part() -> None:
+    s = Session()
+    s.add("user", "Compute it.", 1)
+    before = s.add("assistant", "Let me work that out.", 1)
+    s.add_tool_call("c1", "calculator", "{}", 1, message=before)
+    s.add_tool_result("c1", "calculator", "4", 1)
+    answer = s.add("assistant", "It is four, as you can see.", 1)
+    s.truncate(1, "Let me  work that out. It is four,")
+    assert before.heard is None and not before.interrupted
+    assert answer.heard == "It is four," and answer.interrupted
+    s.truncate(1, "Let me work")  # cut during the first part: the answer was never heard
+    assert before.heard == "Let me work" and answer.heard == ""
+    assert [m["content"] for m in s.history()] == ["Compute it.", "Let me work"]
+
+
 # ----------------------------------------------------------------- the built-in tools
 
 
