@@ -386,3 +386,43 @@ async def test_smollm2_with_tools(smollm: Any) -> None:
     calls = [f for f in out if isinstance(f, ToolCallFrame)]
     results = [f for f in out if isinstance(f, ToolResultFrame)]
     assert len(calls) == len(results)  # any call it did make was run
+
+
+async def test_end_to_end_from_a_config_with_registered_and_client_tools() -> None:
+    """``tools:`` in a config -> the registry's calculator and an inline client-side tool ->
+    the LM (scripted replies) -> the frames that leave the pipeline and the session items."""
+    from omniframe.config import build_pipeline, parse_config
+
+    cfg = parse_config({
+        "name": "tools-e2e",
+        "tools": ["calculator", {"name": "get_weather", "description": "Weather in a city.",
+                                 "parameters": WEATHER.parameters}],
+        "pipeline": [
+            {"kind": "source", "plugin": "text",
+             "options": {"text": ["What is 17 times 23?", "Weather in Rome?"]}},
+            {"kind": "lm", "plugin": "transformers", "options": {"max_new_tokens": 200}},
+            {"kind": "sink", "plugin": "null"}]})
+    pipeline = build_pipeline(cfg)
+    lm = pipeline.stages[1]
+    assert lm.context.tools.names == ["calculator", "get_weather"]
+    lm.lm = ScriptedLM(byte_tokenizer(SMOLLM2_TEMPLATE),
+                       [call("calculator", expression="17 * 23"), "It is 391.",
+                        call("get_weather", city="Rome")])
+
+    async def keep_the_scripted_model() -> None:
+        pass
+
+    lm.setup = keep_the_scripted_model  # type: ignore[method-assign]
+    with anyio.fail_after(30):
+        result = await pipeline.run()
+    frames = [f for f in result.frames if isinstance(f, (ToolCallFrame, ToolResultFrame,
+                                                          EndOfTurnFrame))]
+    assert [(type(f).__name__, f.turn) for f in frames] == [
+        ("ToolCallFrame", 1), ("ToolResultFrame", 1), ("EndOfTurnFrame", 1),
+        ("ToolCallFrame", 2), ("EndOfTurnFrame", 2)]
+    assert frames[2].text == "It is 391." and frames[4].reason == "tool_call"
+    assert json.loads(frames[1].output)["result"] == 391
+    session = pipeline.session
+    assert [c.name for c, _ in session.pending_tool_calls()] == ["get_weather"]
+    assert [m["role"] for m in session.history(tools=True)] == [
+        "user", "assistant", "tool", "assistant", "user", "assistant"]
