@@ -186,7 +186,7 @@ def _short(value: Any, limit: int = 80) -> str:
 # ------------------------------------------------------------------------------ the tools
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tool:
     """A function the model may call.
 
@@ -198,6 +198,8 @@ class Tool:
             sync (run in a worker thread) or async. It returns anything JSON can encode.
             None makes the tool client-side: someone outside the pipeline answers it.
         timeout_s: how long a call may take before it is an error result (server-side).
+
+    Tools compare (and hash) by identity: the registry holds each registered object.
     """
 
     name: str

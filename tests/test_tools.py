@@ -215,6 +215,15 @@ def test_the_tools_key_round_trips_and_builds_the_toolbox() -> None:
     assert build_pipeline(parse_config({"pipeline": PIPE})).stages[1].context.tools is None
 
 
+def test_the_editor_schema_knows_the_tools_key() -> None:
+    from omniframe.config import config_schema
+
+    schema = config_schema()
+    assert "tools" in schema["properties"]
+    assert "ToolSpec" in json.dumps(schema)
+    assert len({CALCULATOR, CURRENT_TIME, CALCULATOR}) == 2  # tools hash by identity
+
+
 def test_tools_for_a_pipeline_whose_lm_cannot_call_them_are_an_error() -> None:
     echo = [PIPE[0], {"kind": "lm", "plugin": "echo"}, PIPE[2]]
     with pytest.raises(ConfigError, match="no stage of this pipeline calls tools"):
