@@ -288,14 +288,16 @@ class ToolResultFrame(DataFrame):
 
     Parameters:
         call_id: the ``call_id`` of the :class:`ToolCallFrame` it answers.
-        name: the tool's name.
+        name: the tool's name; may be empty when the sender does not know it (OpenAI's
+            ``function_call_output`` item has only the ``call_id``): the LM takes it from
+            the call.
         output: the result as text the model reads, normally JSON.
         is_error: True when the call failed (bad arguments, an exception, a timeout) and
             ``output`` says why, e.g. ``{"error": "..."}``.
     """
 
     call_id: str
-    name: str
+    name: str = ""
     output: str
     is_error: bool = False
 

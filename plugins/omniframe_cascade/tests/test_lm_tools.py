@@ -273,8 +273,7 @@ async def test_a_client_side_tool_ends_the_turn_and_its_result_continues_it() ->
                                               output="{}"))
     assert isinstance(stray[1], ErrorFrame) and len(lm.lm.prompts) == 1
     # the client's result (turn 0: the LM knows the call's turn) continues the answer
-    result = ToolResultFrame(call_id=tc.call_id, name="get_weather",
-                             output='{"sky": "sunny", "celsius": 21}')
+    result = ToolResultFrame(call_id=tc.call_id, output='{"sky": "sunny", "celsius": 21}')
     out = await collect(lm, result)
     assert out[0] is result
     assert spoken(out) == "It is sunny in Paris."
@@ -282,8 +281,9 @@ async def test_a_client_side_tool_ends_the_turn_and_its_result_continues_it() ->
     assert all(f.turn == 1 for f in out[1:])
     assert '"celsius": 21' in lm.lm.prompts[-1]
     assert session.pending_tool_calls() == []
-    roles = [m["role"] for m in session.history(tools=True)]
-    assert roles == ["user", "assistant", "tool", "assistant"]
+    hist = session.history(tools=True)
+    assert [m["role"] for m in hist] == ["user", "assistant", "tool", "assistant"]
+    assert hist[2]["name"] == "get_weather"  # taken from the call: the client sent no name
     # a second result for the same call is ignored
     again = await collect(lm, result)
     assert again == [result] and len(lm.lm.prompts) == 2
