@@ -683,7 +683,7 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
                    observers: list[Any] | None = None, collect: bool = True,
                    resources: Any = None, on_hang: Any = None) -> Any:
     """Phase 2 and construction: a ready :class:`~omniframe.pipeline.Pipeline`."""
-    from omniframe.compat import IncompatibleStages
+    from omniframe.chain import IncompatibleStages
     from omniframe.pipeline import Pipeline, PipelineError
     from omniframe.resources import default_resources
     from omniframe.session import Session

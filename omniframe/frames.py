@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AudioCodesFrame",
     "AudioFrame",
+    "CommitInputFrame",
     "ControlFrame",
     "DataFrame",
     "EndOfStreamFrame",
@@ -38,6 +39,7 @@ __all__ = [
     "InterruptFrame",
     "MetricsFrame",
     "OutputAudioFrame",
+    "RespondFrame",
     "SpeechEndFrame",
     "SpeechStartFrame",
     "SystemFrame",
@@ -45,6 +47,8 @@ __all__ = [
     "ToolCallFrame",
     "ToolResultFrame",
     "TranscriptFrame",
+    "TruncateFrame",
+    "UpdateOptionsFrame",
     "UserTurnFrame",
     "frame_types",
 ]
@@ -327,6 +331,57 @@ class ErrorFrame(SystemFrame):
 class EndOfStreamFrame(ControlFrame):
     """The input has ended. Ordered: it arrives after every frame produced before it."""
 
+
+
+# --------------------------------------------------------------------------- steering
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitInputFrame(ControlFrame):
+    """The user's input is complete now (a push-to-talk release, a client's "commit"): a VAD
+    closes its open turn as if the silence had lasted, and the turn is answered. Without an
+    open turn it does nothing. Sent by :meth:`omniframe.pipeline.Pipeline.commit`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RespondFrame(ControlFrame):
+    """Answer now, from the conversation so far, without new user input (a client's
+    ``response.create``). LMs that keep a history answer it as turn ``turn``; others pass it on.
+
+    Parameters:
+        instructions: extra instructions for this answer only (None: the stage's own).
+    """
+
+    instructions: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateOptionsFrame(ControlFrame):
+    """Change options of the running stage named ``stage`` (ordered: from the next frame it
+    takes). Only the fields its class lists in ``live_options`` may change; the runner checks
+    them against the stage's ``Options`` model. Sent by
+    :meth:`omniframe.pipeline.Pipeline.update`, which refuses bad updates up front.
+
+    Parameters:
+        stage: the stage's name in the pipeline.
+        options: the fields to change and their new values.
+    """
+
+    stage: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TruncateFrame(ControlFrame):
+    """The user heard only the first ``audio_end_s`` seconds of the answer to ``turn`` (a
+    client's ``conversation.item.truncate``): the conversation keeps what was heard. Playback
+    sinks consume it (they know which text went with which audio).
+
+    Parameters:
+        audio_end_s: seconds of that answer's audio that were played.
+    """
+
+    audio_end_s: float
 
 # ---------------------------------------------------------------------------------- metrics
 

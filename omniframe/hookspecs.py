@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from omniframe.models import ModelRef
+    from omniframe.model_uris import ModelRef
     from omniframe.stage import Stage
     from omniframe.tools import Tool
 
@@ -52,8 +52,8 @@ def register_commands(cli: click.Group) -> None:
 @hookspec
 def register_model_resolvers(register: Callable[[str, Callable[[str], ModelRef]], None]) -> None:
     """Register model URI schemes: ``register(scheme, resolve)``, where ``resolve(uri)``
-    returns a :class:`omniframe.models.ModelRef` (a local path, or a random preset) or raises
-    :class:`omniframe.models.ModelNotAvailable` saying what was tried and what to do."""
+    returns a :class:`omniframe.model_uris.ModelRef` (a local path, or a random preset) or raises
+    :class:`omniframe.model_uris.ModelNotAvailable` saying what was tried and what to do."""
 
 
 @hookspec

@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,11 +33,16 @@ import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from omniframe.frames import (
+    CommitInputFrame,
     DataFrame,
     EndOfStreamFrame,
     ErrorFrame,
     Frame,
     InterruptFrame,
+    RespondFrame,
+    TranscriptFrame,
+    TruncateFrame,
+    UpdateOptionsFrame,
 )
 from omniframe.metrics import MetricsCollector, RunResult, StageMetrics
 from omniframe.session import Session
@@ -120,13 +126,35 @@ class _Lanes:
     data_rx: ObjectReceiveStream[Frame]
     urgent_tx: ObjectSendStream[Frame]
     urgent_rx: ObjectReceiveStream[Frame]
+    up_tx: ObjectSendStream[Frame]  # frames sent toward the source, by the receiving stage
+    up_rx: ObjectReceiveStream[Frame]
     urgent_sent: int = 0  # urgent frames sent so far; lets the receiver order the lanes
 
 
 def _lanes(buffer: int) -> _Lanes:
     data_tx, data_rx = anyio.create_memory_object_stream[Frame](buffer)
     urgent_tx, urgent_rx = anyio.create_memory_object_stream[Frame](math.inf)
-    return _Lanes(data_tx, data_rx, urgent_tx, urgent_rx)
+    # unbounded: a bounded lane each way could deadlock two stages waiting on each other
+    up_tx, up_rx = anyio.create_memory_object_stream[Frame](math.inf)
+    return _Lanes(data_tx, data_rx, urgent_tx, urgent_rx, up_tx, up_rx)
+
+
+def update_problem(stage: Stage, options: Mapping[str, Any]) -> str | None:
+    """Why ``options`` cannot be applied to the running ``stage`` now, or None."""
+    from pydantic import ValidationError
+
+    live = type(stage).live_options
+    fixed = sorted(set(options) - set(live))
+    if fixed:
+        can = ", ".join(sorted(live)) or "none"
+        return (f"stage {stage.context.name!r} cannot change {', '.join(map(repr, fixed))} "
+                f"while it runs (live options: {can}); change it in the config and restart")
+    try:
+        type(stage.options).model_validate({**stage.options.model_dump(), **options})
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return f"stage {stage.context.name!r}: invalid options: {errs[:1000]}"
+    return None
 
 
 class _Runner:
@@ -213,15 +241,20 @@ class _Runner:
             self.metrics.busy_s += (time.perf_counter() - t0) - (self._blocked - blocked0)
 
     async def run(self) -> None:
+        self.stage.__dict__["_send_upstream"] = self.send_upstream
         try:
-            async with self.outbox.data_tx, self.outbox.urgent_tx:
-                if self.inbox is None:
-                    await self._drive(self.stage.generate(), None, "generate")
-                    await self.emit(EndOfStreamFrame())
-                else:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._urgent_loop)
-                        await self._data_loop()
+            async with (self.inbox.up_tx if self.inbox is not None else nullcontext()), \
+                    anyio.create_task_group() as outer:
+                # frames from later stages toward the source, until the next stage is done
+                outer.start_soon(self._upstream_loop)
+                async with self.outbox.data_tx, self.outbox.urgent_tx:
+                    if self.inbox is None:
+                        await self._drive(self.stage.generate(), None, "generate")
+                        await self.emit(EndOfStreamFrame())
+                    else:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self._urgent_loop)
+                            await self._data_loop()
         except StageError:
             raise
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
@@ -268,6 +301,11 @@ class _Runner:
                 if isinstance(frame, EndOfStreamFrame):
                     await self._drive(self.stage.end_of_stream(frame), frame, "end_of_stream")
                     await self.emit(frame)
+                elif frame.__class__ is UpdateOptionsFrame and frame.stage == self.name:
+                    problem = self.apply_update(frame)  # type: ignore[arg-type]
+                    if problem is not None:
+                        await self.emit(ErrorFrame(stage=self.name, turn=frame.turn,
+                                                   message=problem))
                 elif self.consumes(frame):
                     with anyio.CancelScope() as scope:
                         self._scope, self._scope_turn = scope, turn
@@ -279,6 +317,36 @@ class _Runner:
                         await self.emit(frame)
                 else:
                     await self.emit(frame)
+
+    async def send_upstream(self, frame: Frame) -> None:
+        """Send ``frame`` to the stage before this one (the source drops what reaches it)."""
+        if self.inbox is None:
+            log.debug("upstream frame reached the source", frame=type(frame).__name__)
+            return
+        # the stages before this one may have ended: then nobody is left to tell
+        with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.inbox.up_tx.send_nowait(frame)  # unbounded: never waits
+
+    async def _upstream_loop(self) -> None:
+        wanted = self.stage.consumes_upstream
+        async with self.outbox.up_rx:
+            async for frame in self.outbox.up_rx:
+                if wanted and isinstance(frame, wanted):
+                    async for out in self.stage.process_upstream(frame):
+                        await self.send_upstream(out)
+                else:
+                    await self.send_upstream(frame)
+
+    def apply_update(self, frame: UpdateOptionsFrame) -> str | None:
+        """Change the stage's live options; the problem, if refused."""
+        problem = update_problem(self.stage, frame.options)
+        if problem is not None:
+            return problem
+        old = self.stage.options
+        self.stage.options = type(old).model_validate({**old.model_dump(), **frame.options})
+        self.stage.options_changed(old)
+        log.info("options updated", stage=self.name, options=sorted(frame.options))
+        return None
 
     async def _urgent_loop(self) -> None:
         assert self.inbox is not None
@@ -360,7 +428,7 @@ class Pipeline:
         if unknown:
             raise PipelineError(f"watchdog limits for stages not in the pipeline: "
                                 f"{sorted(unknown)}; stages: {names}")
-        from omniframe.compat import check_chain
+        from omniframe.chain import check_chain
 
         check_chain(self.stages)
         self._scope: anyio.CancelScope | None = None
@@ -368,6 +436,8 @@ class Pipeline:
         self._first_error: StageError | None = None
         self._activities: list[Activity] = []
         self._running = False
+        self._lanes: list[_Lanes] | None = None
+        self._runners: list[_Runner] | None = None
 
     @property
     def session(self) -> Session:
@@ -381,6 +451,88 @@ class Pipeline:
             self._cancel_reason = reason
         if self._scope is not None:
             self._scope.cancel()
+
+    # ------------------------------------------------------------------ steering
+    # Call these from the event loop that runs the pipeline, while it runs (from another
+    # thread: anyio.from_thread.run(pipeline.say, "hi", token=...)).
+
+    def _index(self, stage: str | None) -> int:
+        if self._lanes is None:
+            raise PipelineError("the pipeline is not running: start run() first")
+        if stage is None:
+            return 1 if len(self.stages) > 1 else 0
+        names = [s.context.name for s in self.stages]
+        if stage not in names:
+            raise PipelineError(f"no stage named {stage!r} in this pipeline; stages: {names}")
+        return names.index(stage)
+
+    async def push(self, frame: Frame, *, to: str | None = None) -> None:
+        """Send ``frame`` into the running pipeline, to the stage named ``to`` (default: the
+        one after the source), as if the stage before it had emitted it: ordered with that
+        stage's input (urgent frames overtake it), with backpressure."""
+        k = self._index(to)
+        if k == 0:
+            raise PipelineError("frames cannot be pushed into the source; push to a later "
+                                "stage")
+        assert self._lanes is not None
+        lanes = self._lanes[k - 1]
+        try:
+            if frame.urgent:
+                lanes.urgent_sent += 1
+                lanes.urgent_tx.send_nowait(frame)
+            else:
+                await lanes.data_tx.send(frame)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise PipelineError(f"the pipeline's input to {self.stages[k].context.name!r} "
+                                f"has ended (the source finished): nothing more can be "
+                                f"pushed") from None
+
+    async def say(self, text: str) -> int:
+        """User text input (typed, or a client's text item): a new turn, answered by an LM
+        that reads transcripts. Returns the turn's number."""
+        turn = self.session.next_turn()
+        await self.push(TranscriptFrame(text=text, final=True, turn=turn,
+                                        speech_end_ts=time.monotonic()))
+        return turn
+
+    async def interrupt(self) -> int:
+        """Cancel the answer in flight in every stage (as a barge-in does) and drop what is
+        queued of it. Returns the new turn number that the cancellation opened."""
+        turn = self.session.next_turn()
+        await self.push(InterruptFrame(turn=turn))
+        return turn
+
+    async def commit(self) -> None:
+        """The user's input is complete: a VAD closes its open turn now (it is answered)."""
+        await self.push(CommitInputFrame(turn=self.session.turn))
+
+    async def respond(self, instructions: str | None = None) -> int:
+        """Answer now from the conversation so far (LMs with a history), optionally with
+        extra ``instructions`` for this answer. Returns the answer's turn."""
+        turn = self.session.next_turn()
+        await self.push(RespondFrame(turn=turn, instructions=instructions))
+        return turn
+
+    async def truncate(self, turn: int, audio_end_s: float) -> None:
+        """Only the first ``audio_end_s`` seconds of the answer to ``turn`` were heard: the
+        conversation keeps what was heard (the playback sink works out the text)."""
+        if audio_end_s < 0:
+            raise PipelineError(f"audio_end_s must be >= 0, got {audio_end_s}")
+        await self.push(TruncateFrame(turn=turn, audio_end_s=audio_end_s))
+
+    async def update(self, stage: str, **options: Any) -> None:
+        """Change live options of a running stage (from the next frame it takes). Refused
+        up front, with the reason, when a field cannot change live or a value is invalid."""
+        k = self._index(stage)
+        problem = update_problem(self.stages[k], options)
+        if problem is not None:
+            raise PipelineError(problem)
+        frame = UpdateOptionsFrame(stage=stage, options=dict(options))
+        if k == 0:  # a source has no inbox: apply between two of its frames' awaits
+            assert self._runners is not None
+            self._runners[0].apply_update(frame)
+            return
+        await self.push(frame, to=stage)
 
     def busy(self) -> str:
         """What the stages are doing now, for a message: ``"lm (process, 3.2 s)"``."""
@@ -452,6 +604,7 @@ class Pipeline:
                                 urgent[st.context.name], self._failed)
                         for i, st in enumerate(self.stages)
                     ]
+                    self._lanes, self._runners = lanes, runners
                     try:
                         async with anyio.create_task_group() as tg:
                             for r in runners:
@@ -471,6 +624,7 @@ class Pipeline:
             monitor.stop()
             self._scope = None
             self._running = False
+            self._lanes, self._runners = None, None
         if self._first_error is not None and (error is None or isinstance(error, StageError)):
             error = self._first_error  # the stage that failed first, not a consequence
         t_end = time.monotonic()
@@ -543,6 +697,7 @@ class Pipeline:
         log.error("stage blocks the event loop", stage=stage, phase=phase)
 
     async def _collect(self, lanes: _Lanes, frames: list[Frame]) -> None:
+        await lanes.up_tx.aclose()  # nothing comes back from past the last stage
         async def urgent() -> None:
             async with lanes.urgent_rx:
                 async for f in lanes.urgent_rx:

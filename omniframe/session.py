@@ -79,6 +79,19 @@ class Session:
     id: str = field(default_factory=lambda: f"s{next(_ids)}")
     messages: list[Message] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _turn: int = field(default=0, repr=False)
+
+    def next_turn(self) -> int:
+        """A new user turn's number: one counter for everything that starts turns in this
+        conversation (the VAD, typed text, a steering client), so that they never collide."""
+        with self._lock:
+            self._turn += 1
+            return self._turn
+
+    @property
+    def turn(self) -> int:
+        """The newest turn started so far (0: none)."""
+        return self._turn
 
     def add(self, role: Role, text: str, turn: int = 0) -> Message:
         """Append a message and return it."""

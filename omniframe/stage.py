@@ -44,7 +44,7 @@ import anyio.to_thread
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from omniframe.frames import EndOfStreamFrame, Frame, InterruptFrame
+from omniframe.frames import EndOfStreamFrame, Frame, InterruptFrame, MetricsFrame
 
 if TYPE_CHECKING:
     from omniframe.session import Session
@@ -179,6 +179,11 @@ class Stage:
             (a TTS does it so text reaches the sink). Defaults to True for ``kind = "sink"``
             classes (set when the class is defined), so several sinks can chain and the frames
             leave the pipeline; a sink may set it to False. The bus reads only this attribute.
+        live_options: the ``Options`` fields that may change while the stage runs
+            (:class:`~omniframe.frames.UpdateOptionsFrame`): instructions, voice,
+            temperature, thresholds. :meth:`options_changed` is called after a change.
+        consumes_upstream: frame types sent toward the source (:meth:`push_upstream`) that
+            :meth:`process_upstream` handles; others pass up unchanged.
         watchdog_limits: watchdog limits this stage needs other than the defaults, by phase
             (``{"process": 600}`` for a stage that may think for minutes between outputs);
             see :mod:`omniframe.watchdog`. The config overrides them.
@@ -195,6 +200,8 @@ class Stage:
     output_option: ClassVar[str | None] = None
     output_suffixes: ClassVar[tuple[str, ...]] = ()
     watchdog_limits: ClassVar[Mapping[str, float | None]] = {}
+    live_options: ClassVar[frozenset[str]] = frozenset()
+    consumes_upstream: ClassVar[tuple[type[Frame], ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -267,6 +274,30 @@ class Stage:
 
     async def teardown(self) -> None:
         """Release devices and files. Called once, also after errors and cancellation."""
+
+    def on_metrics(self, frame: MetricsFrame) -> None:
+        """A turn's metrics, once its end has left the last stage (docs/frames.md). Called
+        directly, not through :meth:`process`: keep it cheap, and yield nothing from it."""
+
+    def options_changed(self, old: StageOptions) -> None:
+        """Live options changed (``self.options`` is already the new model): recompute what
+        setup derived from them. Called between frames, never during :meth:`process`."""
+
+    async def process_upstream(self, frame: Frame) -> AsyncIterator[Frame]:
+        """Handle a frame a later stage sent toward the source (a type in
+        ``consumes_upstream``); yield what goes on upstream (the frame itself, to pass it on).
+        Runs beside :meth:`process`, like the handling of urgent frames."""
+        yield frame
+
+    async def push_upstream(self, frame: Frame) -> None:
+        """Send ``frame`` toward the source: the stages before this one see it in
+        :meth:`process_upstream` (e.g. a sink reporting what was played). Unbounded and
+        unordered with respect to the data: keep such frames few and small."""
+        send = self.__dict__.get("_send_upstream")
+        if send is None:
+            raise RuntimeError(f"stage {self.context.name!r} is not running in a pipeline: "
+                               f"push_upstream needs one")
+        await send(frame)
 
     # ------------------------------------------------------------------ helpers for stages
 

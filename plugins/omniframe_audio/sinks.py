@@ -40,6 +40,7 @@ from omniframe.frames import (
     SpeechStartFrame,
     TextDeltaFrame,
     TranscriptFrame,
+    TruncateFrame,
 )
 from omniframe.stage import Stage, StageOptions
 from omniframe_audio.devices import import_sounddevice, pick_device
@@ -85,7 +86,7 @@ class _PlaybackSink(Stage):
     """Shared by the wav and speaker sinks: resampling, pacing, barge-in bookkeeping."""
 
     kind = "sink"
-    consumes = (OutputAudioFrame, EndOfTurnFrame)
+    consumes = (OutputAudioFrame, EndOfTurnFrame, TruncateFrame)
     requires = (OutputAudioFrame,)  # an end of turn alone plays nothing
     lead_s: ClassVar[float] = 0.0  # write this long before the previous chunk ends
 
@@ -95,6 +96,7 @@ class _PlaybackSink(Stage):
         self._rs: StreamResampler | None = None
         self._answer_turn = 0
         self._chunks: list[_Chunk] = []
+        self._past: dict[int, list[_Chunk]] = {}  # the last answers' chunks, by turn
         self._ended: set[int] = set()
         self._play_end = 0.0
         self._written = 0
@@ -166,12 +168,35 @@ class _PlaybackSink(Stage):
             silence = np.zeros(int(round(gap * self._rate)), dtype=np.float32)
             self._write(silence)
             self._written += len(silence)
+        if self._answer_turn and self._chunks:  # kept for a later truncate of that answer
+            self._past[self._answer_turn] = self._chunks
+            while len(self._past) > 8:
+                self._past.pop(next(iter(self._past)))
         self._answer_turn = turn
         self._chunks = []
 
     # ------------------------------------------------------------------ stage API
 
+    def _truncate(self, frame: TruncateFrame) -> None:
+        """The user heard the first ``audio_end_s`` of that answer: keep that text."""
+        chunks = self._chunks if frame.turn == self._answer_turn else self._past.get(frame.turn)
+        if not chunks or self._rate is None:
+            self.log.warning("truncate: no audio of that answer here", turn=frame.turn)
+            return
+        end = chunks[0].offset + frame.audio_end_s * self._rate
+        heard: list[str] = []
+        for c in chunks:
+            if c.offset + c.n <= end:
+                heard.append(c.text or "")
+            elif c.offset < end:
+                heard.append(heard_prefix(c.text or "", (end - c.offset) / c.n))
+        if any(c.text is not None for c in chunks):
+            self.context.session.truncate(frame.turn, "".join(heard))
+
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        if isinstance(frame, TruncateFrame):
+            self._truncate(frame)
+            return
         if isinstance(frame, EndOfTurnFrame):
             self._ended.add(frame.turn)
             if frame.turn == self._answer_turn:

@@ -68,6 +68,7 @@ class TextSource(Stage):
         self._turns = await self.run_sync(self.turns)
 
     async def generate(self) -> AsyncIterator[TranscriptFrame]:
-        for i, text in enumerate(self._turns, start=1):
-            yield TranscriptFrame(text=text.strip(), final=True, turn=i,
+        for text in self._turns:
+            turn = self.context.session.next_turn()
+            yield TranscriptFrame(text=text.strip(), final=True, turn=turn,
                                   speech_end_ts=time.monotonic())

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from omniframe.audio import AudioError
 from omniframe.frames import (
     AudioFrame,
+    CommitInputFrame,
     EndOfStreamFrame,
     Frame,
     InterruptFrame,
@@ -74,13 +75,16 @@ class VADStage(Stage):
     :meth:`is_speech`, :meth:`min_input_rate`)."""
 
     kind = "vad"
-    consumes = (AudioFrame,)
+    consumes = (AudioFrame, CommitInputFrame)
     requires = (AudioFrame,)
     produces = (SpeechStartFrame, InterruptFrame, SpeechEndFrame, UserTurnFrame, AudioFrame)
     Options = VADOptions
 
     blocking: bool = False
     """True when :meth:`score` is heavy enough to run in a worker thread."""
+    # a client's turn_detection update (OpenAI Realtime server_vad) changes these live
+    live_options = frozenset({"threshold", "min_speech_ms", "hangover_ms", "pre_roll_ms",
+                              "post_roll_ms", "max_turn_s", "interrupt"})
 
     # ------------------------------------------------------------------- backend hooks
 
@@ -121,7 +125,6 @@ class VADStage(Stage):
                 f"the {self.name} VAD needs audio sampled at {low} Hz or more, got {rate} Hz; "
                 f"set the source's sample_rate to 16000"
             )
-        o = self.options
         self._in_rate = rate
         self._be_rate = self.backend_rate(rate)
         self._chunk = self.chunk_samples(self._be_rate)
@@ -129,12 +132,7 @@ class VADStage(Stage):
             raise AudioError(f"the {self.name} VAD's chunk is shorter than one sample at "
                              f"{self._be_rate} Hz; lengthen it")
         self._rs = None if self._be_rate == rate else StreamResampler(rate, self._be_rate)
-        ms = rate / 1000.0
-        self._min_speech_n = int(round(o.min_speech_ms * ms))  # type: ignore[attr-defined]
-        self._hangover_n = int(round(o.hangover_ms * ms))  # type: ignore[attr-defined]
-        self._pre_roll_n = int(round(o.pre_roll_ms * ms))  # type: ignore[attr-defined]
-        self._post_roll_n = int(round(o.post_roll_ms * ms))  # type: ignore[attr-defined]
-        self._max_turn_n = int(round(o.max_turn_s * rate))  # type: ignore[attr-defined]
+        self._derive_lengths()
         self._t0 = float(frame.pts)
         self._in_total = 0
         self._audio: deque[Any] = deque()
@@ -148,6 +146,20 @@ class VADStage(Stage):
         self._turn_audio_start = 0
         self.log.debug("vad_stream_started", input_rate=rate, backend_rate=self._be_rate,
                        chunk=self._chunk)
+
+    def _derive_lengths(self) -> None:
+        """The options' durations in input samples."""
+        o, rate = self.options, self._in_rate or 0
+        ms = rate / 1000.0
+        self._min_speech_n = int(round(o.min_speech_ms * ms))  # type: ignore[attr-defined]
+        self._hangover_n = int(round(o.hangover_ms * ms))  # type: ignore[attr-defined]
+        self._pre_roll_n = int(round(o.pre_roll_ms * ms))  # type: ignore[attr-defined]
+        self._post_roll_n = int(round(o.post_roll_ms * ms))  # type: ignore[attr-defined]
+        self._max_turn_n = int(round(o.max_turn_s * rate))  # type: ignore[attr-defined]
+
+    def options_changed(self, old: StageOptions) -> None:
+        if self._in_rate is not None:  # the stream has started: new lengths from now on
+            self._derive_lengths()
 
     def _t(self, idx: int) -> float:
         assert self._in_rate is not None
@@ -193,7 +205,7 @@ class VADStage(Stage):
     # ----------------------------------------------------------------- turn events
 
     def _start(self, at: int, pre_roll: bool) -> list[Frame]:
-        self._turn += 1
+        self._turn = self.context.session.next_turn()  # shared with typed input and steering
         self._in_turn = True
         self._run_start = None
         self._turn_start = at
@@ -269,6 +281,11 @@ class VADStage(Stage):
     # ------------------------------------------------------------------ stage API
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        if isinstance(frame, CommitInputFrame):  # the input is complete: close the turn now
+            if self._in_turn:
+                for out in self._end():
+                    yield out
+            return
         assert isinstance(frame, AudioFrame)
         self._live = frame.live
         if self._in_rate is None:

@@ -64,7 +64,7 @@ from omniframe.frames import (
     ToolResultFrame,
     TranscriptFrame,
 )
-from omniframe.models import ModelNotAvailable, resolve_model, split_uri
+from omniframe.model_uris import ModelNotAvailable, resolve_model, split_uri
 from omniframe.session import Message
 from omniframe.stage import Stage, StageOptions
 from omniframe.tools import (

@@ -16,6 +16,7 @@ from omniframe.frames import (
     EndOfTurnFrame,
     Frame,
     OutputAudioFrame,
+    RespondFrame,
     TextDeltaFrame,
     TranscriptFrame,
     UserTurnFrame,
@@ -28,9 +29,11 @@ class EchoLM(Stage):
 
     kind = "lm"
     name = "echo"
-    consumes = (TranscriptFrame, UserTurnFrame)
+    consumes = (TranscriptFrame, UserTurnFrame, RespondFrame)
     requires = (TranscriptFrame, UserTurnFrame)  # text, or a whole audio turn
     produces = (TextDeltaFrame, EndOfTurnFrame)
+
+    live_options = frozenset({"prefix", "token_delay_s"})
 
     class Options(StageOptions):
         prefix: str = "You said: "
@@ -47,6 +50,13 @@ class EchoLM(Stage):
                 return
             answer = f"{self.options.prefix}{heard}"
             self.context.session.add("user", heard, frame.turn)
+        elif isinstance(frame, RespondFrame):  # answer now: repeat the last thing heard
+            last = self.context.session.last("user")
+            said = frame.instructions or (last.text if last is not None else "")
+            if not said:
+                yield EndOfTurnFrame(reason="empty")
+                return
+            answer = f"{self.options.prefix}{said}"
         else:
             assert isinstance(frame, UserTurnFrame)
             answer = f"I heard {frame.duration:.1f} seconds of speech."
