@@ -48,6 +48,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import anyio
+
 log = logging.getLogger(__name__)
 
 RELEASE_WAIT_S = 30.0
@@ -148,8 +150,10 @@ class Request:
 
     async def wait_released(self, timeout: float = RELEASE_WAIT_S) -> bool:
         """Wait (shielded from cancellation) until the engine has freed this request's slot."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.shield(asyncio.wait_for(self._released.wait(), timeout))
+        # a shielded scope: anyio re-delivers a cancellation at every await of a cancelled
+        # scope, so asyncio.shield alone would not wait
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+            await self._released.wait()
         return self._released.is_set()
 
     # ---------------------------------------------------------------- engine side (any thread)
@@ -164,6 +168,10 @@ class Request:
         self.finished = True
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._released.set)
+
+
+class _ExecutorGone(Exception):
+    """The compute thread's executor no longer takes jobs (the interpreter is exiting)."""
 
 
 @dataclass
@@ -327,12 +335,12 @@ class Engine:
             return results, error, released
 
         with self.gate if self.gate is not None else contextlib.nullcontext():
-            if self.device.startswith("cpu"):
-                from omniframe.stage import _compute_executor
-
-                results, error, released = _compute_executor().submit(job).result()
-            else:
-                results, error, released = job()
+            try:
+                results, error, released = self._on_compute(job)
+            except _ExecutorGone:
+                with self._cond:
+                    self._closed = True
+                return
         self.steps += 1
         if self.step_log is not None:
             self.step_log.append((len(prefill), len(decode)))
@@ -361,6 +369,18 @@ class Engine:
                     r._post(_END)
                 r._mark_released()
 
+    def _on_compute(self, fn: Any) -> Any:
+        """Run ``fn()`` on the compute thread (CPU) or here; _ExecutorGone at interpreter exit."""
+        if not self.device.startswith("cpu"):
+            return fn()
+        from omniframe.stage import _compute_executor
+
+        try:
+            future = _compute_executor().submit(fn)
+        except RuntimeError as exc:  # "cannot schedule new futures after (interpreter) shutdown"
+            raise _ExecutorGone from exc
+        return future.result()
+
     def _release(self, request: Request) -> None:
         try:
             self.model.release(request.work)
@@ -382,11 +402,9 @@ class Engine:
                     self._release(r)
 
             try:
-                if self.device.startswith("cpu"):
-                    from omniframe.stage import _compute_executor
-
-                    _compute_executor().submit(release_all).result()
-                else:
+                try:
+                    self._on_compute(release_all)
+                except _ExecutorGone:  # interpreter exit: release here
                     release_all()
             finally:
                 with self._cond:

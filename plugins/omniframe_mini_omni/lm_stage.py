@@ -69,14 +69,37 @@ class _ByteTokenizer:
 
 
 class _Loaded:
-    """A loaded LM shared through the resource cache, with the lock that serialises turns
-    (the KV cache belongs to the model: one generation at a time)."""
+    """A loaded LM shared through the resource cache, with the lock that serialises solo
+    turns (their KV cache is the model's) and, made on first use, the engine that decodes
+    the turns of every ``engine: true`` stage on this model together."""
 
     def __init__(self, bundle: Any, tokenizer: Any) -> None:
         self.model = bundle.model
         self.config = bundle.config
         self.tokenizer = tokenizer
         self.lock = threading.Lock()
+        self._engine: Any = None
+        self._engine_lock = threading.Lock()
+
+    def engine(self, device: str) -> Any:
+        """The model's :class:`omniframe.engine.Engine` (one per loaded model). Its steps hold
+        ``lock``, so solo turns and engine steps never interleave on the model."""
+        with self._engine_lock:
+            if self._engine is None:
+                from omniframe.engine import Engine
+                from omniframe_mini_omni.engine import MiniOmniEngineModel
+
+                self._engine = Engine(MiniOmniEngineModel(self.model), capacity=ENGINE_CAPACITY,
+                                      prefill_budget=ENGINE_PREFILL_BUDGET, device=str(device),
+                                      name="mini-omni-engine", gate=self.lock)
+            return self._engine
+
+
+ENGINE_CAPACITY = 16
+"""Turns an engine decodes at once (more queue, FIFO)."""
+ENGINE_PREFILL_BUDGET = 512
+"""Prompt positions an engine step prefills at most (one prompt always fits: a 5 s question is
+~254 positions; see omniframe/engine.py)."""
 
 
 def _load_lm(uri: str, dtype: str, device: str, seed: int) -> _Loaded:
@@ -191,6 +214,11 @@ class MiniOmniLM(Stage):
         """Cap on decode steps per answer (one step = 85.3 ms of speech); default: up to the
         model's 2048 positions."""
         dtype: Dtype = "float32"
+        engine: bool = False
+        """Decode through the model's shared engine (omniframe_mini_omni/engine.py): the turns
+        of every pipeline on this model decode together, one batched step for all, each with
+        the tokens of a solo run (float32). False: one turn at a time under the model's lock.
+        Not with ``faithful``."""
         faithful: bool = False
         """Compute as the reference does: all 181,120 logits at every prompt position, both
         heads for both rows, both batch rows prefilled in full, the text head kept after the
@@ -374,6 +402,10 @@ class MiniOmniLM(Stage):
         sampling = SamplingOptions(temperature=o.temperature, top_k=o.top_k or None,
                                    top_p=o.top_p)
         text = IncrementalDecoder(self.tokenizer)  # type: ignore[arg-type]
+        if o.engine and not o.faithful:
+            async for out in self._generate_engine(turn, kwargs, task, sampling, text):
+                yield out
+            return
         model: Any = self.lm.model
         if not o.faithful:
             from omniframe_mini_omni.fastpath import FastLM
@@ -433,6 +465,55 @@ class MiniOmniLM(Stage):
                         await self.run_compute(stream.close)
             finally:
                 self.lm.lock.release()
+
+    async def _generate_engine(self, turn: int, kwargs: dict[str, Any], task: Any,
+                               sampling: Any, text: Any) -> AsyncIterator[Frame]:
+        """A turn through the model's engine: the same frames as the solo path."""
+        from omniframe_mini_omni.engine import TurnRequest
+        from omniframe_mini_omni.tokens import Task as TaskEnum
+
+        o = self.options
+        engine = self.lm.engine(self.context.device)
+        request = TurnRequest(task, batch_parallel=o.batch_parallel and task is TaskEnum.A1A2,
+                              sampling=sampling, seed=o.seed, max_steps=o.max_new_tokens,
+                              trace=self._tracer(turn), **kwargs)
+        self._active = (turn, text)
+        steps = 0
+        t0 = time.perf_counter()
+        async with engine.submit(request) as answer:
+            while True:
+                try:
+                    step = await answer.__anext__()
+                except StopAsyncIteration:
+                    break
+                except ValueError as exc:  # the prefill refused it (e.g. a too long prompt)
+                    if steps:
+                        raise
+                    self._active = None
+                    yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}")
+                    yield EndOfTurnFrame(reason="error", text="")
+                    return
+                steps += 1
+                delta = text.push(step.text)
+                if delta:
+                    yield TextDeltaFrame(text=delta)
+                if step.frame is not None:
+                    yield AudioCodesFrame(codes=tuple(step.frame), codec="snac_24khz",
+                                          index=step.frame_index)
+                    if step.frame_index == 0:
+                        await _let_downstream_submit()
+            reason = answer.info
+        tail = text.flush()
+        if tail:
+            yield TextDeltaFrame(text=tail)
+        self._active = None
+        elapsed = time.perf_counter() - t0
+        self.log.info("answer done", turn=turn, steps=steps, stop=reason, engine=True,
+                      steps_per_s=round(steps / elapsed, 2) if elapsed > 0 else None)
+        if o.output == "answer":
+            self.context.session.add("assistant", text.text, turn)
+        yield EndOfTurnFrame(
+            reason="completed" if reason in ("eoa", "eot") else "max_tokens", text=text.text)
 
     def _tracer(self, turn: int) -> Callable[[dict[str, Any]], None] | None:
         f = self._trace_file

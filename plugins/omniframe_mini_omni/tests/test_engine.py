@@ -201,3 +201,91 @@ async def test_too_long_prompt_is_an_error_for_that_turn_only(tiny_model, solos)
     assert good == solos[1][0]
     assert isinstance(bad, ValueError) and "max_returned_tokens" in str(bad)
     assert engine.active == 0
+
+
+# ------------------------------------------------------------------ the LM stage on the engine
+def _stage(resources, **options):
+    from omniframe_mini_omni.stages import MiniOmniLM
+
+    from omniframe.session import Session
+    from omniframe.stage import StageContext
+
+    ctx = StageContext(name="lm", session=Session(), resources=resources)
+    return MiniOmniLM({"model": "random://tiny", "max_new_tokens": 14, **options}, ctx)
+
+
+def _feats(turn: int, n: int = 12):
+    from omniframe.frames import FeaturesFrame
+
+    return FeaturesFrame(features=torch.ones(n, 768) * 0.01 * turn, frame_rate=50, turn=turn)
+
+
+async def _answer(lm, frame):
+    from contextlib import aclosing
+
+    from omniframe.frames import AudioCodesFrame, EndOfTurnFrame, TextDeltaFrame
+
+    async with aclosing(lm.process(frame)) as gen:
+        return [(type(f).__name__, getattr(f, "text", None), getattr(f, "codes", None),
+                 getattr(f, "reason", None)) async for f in gen
+                if isinstance(f, TextDeltaFrame | AudioCodesFrame | EndOfTurnFrame)]
+
+
+@pytest.mark.anyio
+async def test_stages_share_one_engine_and_answer_as_solo():
+    from omniframe.resources import Resources
+
+    resources = Resources()
+    options = [{"task": "A1A2"}, {"task": "A1T2"}, {"task": "A1A2", "temperature": 0.8,
+                                                    "top_k": 20, "seed": 4}]
+    solo_lms = [_stage(resources, **o) for o in options]
+    engine_lms = [_stage(resources, engine=True, **o) for o in options]
+    for lm in (*solo_lms, *engine_lms):
+        await lm.setup()
+    frames = [_feats(1), _feats(2, 9), _feats(3, 15)]
+    solo_out = [await _answer(lm, f) for lm, f in zip(solo_lms, frames, strict=True)]
+    got = await asyncio.gather(*(_answer(lm, f) for lm, f in
+                                 zip(engine_lms, frames, strict=True)))
+    assert got == solo_out
+    assert engine_lms[0].lm is engine_lms[1].lm  # one model, one engine
+    engine = engine_lms[0].lm.engine("cpu")
+    assert engine.active == 0 and engine.steps < sum(len(o) for o in solo_out)
+    assert engine_lms[0].lm.lock.acquire(blocking=False)
+    engine_lms[0].lm.lock.release()
+
+
+@pytest.mark.anyio
+async def test_stage_cancel_at_every_point_on_the_engine():
+    """test_cancel_safety's sweep on the engine path: cut a turn at many points; the slot is
+    free, the lock is free, and the next turn is exactly the reference."""
+    import anyio
+    import anyio.lowlevel
+
+    from omniframe.resources import Resources
+
+    resources = Resources()
+    lm = _stage(resources, engine=True, max_new_tokens=10)
+    await lm.setup()
+    reference = await _answer(lm, _feats(1))
+    engine = lm.lm.engine("cpu")
+    cut = 0
+    for n in range(0, 200, 4):
+        with anyio.fail_after(30):
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    async def cancel(n=n, scope=scope):
+                        for _ in range(n):
+                            await anyio.lowlevel.checkpoint()
+                        scope.cancel()
+
+                    tg.start_soon(cancel)
+                    await _answer(lm, _feats(2))
+                    tg.cancel_scope.cancel()
+        cut += scope.cancelled_caught
+        assert engine.active == 0 and engine.queued == 0, f"slot held after a cancel at {n}"
+        assert lm.lm.lock.acquire(blocking=False), f"lock held after a cancel at {n}"
+        lm.lm.lock.release()
+        with anyio.fail_after(30):
+            assert await _answer(lm, _feats(1)) == reference, f"after a cancel at {n}"
+    assert cut > 10
+    await lm.teardown()
