@@ -43,6 +43,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -214,7 +215,8 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # engine steps run (for tests and metrics)
-        self.step_log: list[tuple[int, int]] | None = None  # (prefills, decodes) per step
+        self.step_log: list[tuple[int, int, float]] | None = None
+        """Set to a list to record (prefills, decodes, seconds) per step (tests, benchmarks)."""
 
     # ------------------------------------------------------------------ public
     @property
@@ -334,6 +336,7 @@ class Engine:
                         released.append(r)
             return results, error, released
 
+        t0 = time.perf_counter()
         with self.gate if self.gate is not None else contextlib.nullcontext():
             try:
                 results, error, released = self._on_compute(job)
@@ -343,7 +346,7 @@ class Engine:
                 return
         self.steps += 1
         if self.step_log is not None:
-            self.step_log.append((len(prefill), len(decode)))
+            self.step_log.append((len(prefill), len(decode), time.perf_counter() - t0))
 
         for r in (*prefill, *decode):
             if error is not None:
