@@ -322,8 +322,7 @@ def run(config: str | None, input_path: str | None, output_path: str | None,
     """
     import anyio
 
-    from omniframe.config import build_pipeline
-    from omniframe.pipeline import PipelineError, StageError
+    from omniframe.pipeline import PipelineError, StageError, build_pipeline
     from omniframe.plugins import PluginError
 
     label = config or f"built-in {DEFAULT_CONFIG}"
@@ -414,7 +413,7 @@ def _exit_on_hang(message: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE")
 def validate(config: str, overrides: tuple[str, ...]) -> None:
     """Check CONFIG: shape, every stage's options, and that the stages fit together."""
-    from omniframe.config import build_pipeline
+    from omniframe.pipeline import build_pipeline
     from omniframe.plugins import PluginError
 
     label = config

@@ -679,52 +679,12 @@ def build_observers(cfg: PipelineConfig, source: str | None = None) -> list[Any]
     return out
 
 
-def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: Any = None,
-                   observers: list[Any] | None = None, collect: bool = True,
-                   resources: Any = None, on_hang: Any = None) -> Any:
-    """Phase 2 and construction: a ready :class:`~omniframe.pipeline.Pipeline`."""
-    from omniframe.chain import IncompatibleStages
-    from omniframe.pipeline import Pipeline, PipelineError
-    from omniframe.resources import default_resources
-    from omniframe.session import Session
-    from omniframe.stage import StageContext
+def build_pipeline(cfg: PipelineConfig, **kwargs: Any) -> Any:
+    """A ready pipeline from a validated config: see :func:`omniframe.pipeline.build_pipeline`
+    (it lives with the pipeline; this name is kept for existing callers)."""
+    from omniframe.pipeline import build_pipeline as build
 
-    resolved = resolve_stages(cfg, source)
-    observers = [*(observers or []), *build_observers(cfg, source)]
-    toolbox = None
-    if cfg.tools:
-        from omniframe.plugins import get_registry
-        from omniframe.tools import build_toolbox
-
-        try:
-            toolbox = build_toolbox(cfg.tools, get_registry().tools)
-        except ValueError as exc:
-            raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], source) from None
-    session = session or Session()
-    resources = resources if resources is not None else default_resources()
-    stages = []
-    for r in resolved:
-        ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device,
-                           tools=toolbox)
-        stages.append(r.cls(r.options, ctx))
-    if toolbox is not None and not any(_calls_tools(s) for s in stages):
-        raise ConfigError([("tools", "the config lists tools, but no stage of this pipeline "
-                                     "calls tools (an LM that consumes ToolResultFrame, such "
-                                     "as lm: transformers); remove tools: or use such an LM")],
-                          source)
-    try:
-        limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
-                                                       strict=True) if spec.watchdog}
-        return Pipeline(stages, buffer=cfg.buffer, observers=observers, collect=collect,
-                        watchdog=cfg.watchdog, stage_watchdog=limits, on_hang=on_hang)
-    except (IncompatibleStages, PipelineError) as exc:
-        raise ConfigError([("pipeline", str(exc))], source) from None
-
-
-def _calls_tools(stage: Any) -> bool:
-    from omniframe.frames import ToolResultFrame
-
-    return ToolResultFrame in stage.consumes  # named, not through a base such as Frame
+    return build(cfg, **kwargs)
 
 
 def config_schema() -> dict[str, Any]:

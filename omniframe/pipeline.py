@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
@@ -49,6 +49,9 @@ from omniframe.session import Session
 from omniframe.stage import Stage
 from omniframe.watchdog import Activity, LoopMonitor, StageStuck, WatchdogLimits, merge_limits
 
+if TYPE_CHECKING:
+    from omniframe.config import PipelineConfig
+
 __all__ = [
     "Observer",
     "Pipeline",
@@ -56,6 +59,7 @@ __all__ = [
     "PipelineError",
     "StageError",
     "StageStuck",
+    "build_pipeline",
     "run_pipeline",
 ]
 
@@ -745,6 +749,53 @@ def _first_stage_error(group: BaseExceptionGroup) -> BaseException:
         if not isinstance(exc, anyio.get_cancelled_exc_class()):
             return exc
     return group
+
+
+def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: Any = None,
+                   observers: list[Any] | None = None, collect: bool = True,
+                   resources: Any = None, on_hang: Callable[[str], None] | None = None
+                   ) -> Pipeline:
+    """A ready :class:`Pipeline` from a config (:mod:`omniframe.config`): phase 2 of the
+    validation (each stage's options, observers, tools), the stages made with one session and
+    the process-wide model cache, and the chain check. Problems are a
+    :class:`~omniframe.config.ConfigError` naming the YAML path; ``source`` labels it."""
+    from omniframe.chain import IncompatibleStages
+    from omniframe.config import ConfigError, build_observers, resolve_stages
+    from omniframe.frames import ToolResultFrame
+    from omniframe.resources import default_resources
+    from omniframe.stage import StageContext
+
+    resolved = resolve_stages(cfg, source)
+    observers = [*(observers or []), *build_observers(cfg, source)]
+    toolbox = None
+    if cfg.tools:
+        from omniframe.plugins import get_registry
+        from omniframe.tools import build_toolbox
+
+        try:
+            toolbox = build_toolbox(cfg.tools, get_registry().tools)
+        except ValueError as exc:
+            raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], source) from None
+    session = session or Session()
+    resources = resources if resources is not None else default_resources()
+    stages = []
+    for r in resolved:
+        ctx = StageContext(name=r.name, session=session, resources=resources, device=cfg.device,
+                           tools=toolbox)
+        stages.append(r.cls(r.options, ctx))
+    # a stage that names ToolResultFrame (not through a base such as Frame) calls tools
+    if toolbox is not None and not any(ToolResultFrame in s.consumes for s in stages):
+        raise ConfigError([("tools", "the config lists tools, but no stage of this pipeline "
+                                     "calls tools (an LM that consumes ToolResultFrame, such "
+                                     "as lm: transformers); remove tools: or use such an LM")],
+                          source)
+    try:
+        limits = {n: spec.watchdog for n, spec in zip(cfg.stage_names(), cfg.pipeline,
+                                                       strict=True) if spec.watchdog}
+        return Pipeline(stages, buffer=cfg.buffer, observers=observers, collect=collect,
+                        watchdog=cfg.watchdog, stage_watchdog=limits, on_hang=on_hang)
+    except (IncompatibleStages, PipelineError) as exc:
+        raise ConfigError([("pipeline", str(exc))], source) from None
 
 
 async def run_pipeline(stages: Iterable[Stage], **kwargs: Any) -> RunResult:

@@ -59,6 +59,7 @@ from omniframe.frames import (
     ErrorFrame,
     Frame,
     InterruptFrame,
+    RespondFrame,
     TextDeltaFrame,
     ToolCallFrame,
     ToolResultFrame,
@@ -362,10 +363,14 @@ class TransformersLM(Stage):
 
     kind = "lm"
     name = "transformers"
-    consumes = (TranscriptFrame, ToolResultFrame)
+    consumes = (TranscriptFrame, ToolResultFrame, RespondFrame)
     requires = (TranscriptFrame,)
     produces = (TranscriptFrame, TextDeltaFrame, EndOfTurnFrame, ErrorFrame, ToolCallFrame,
                 ToolResultFrame)
+    # a client's session.update changes these live (instructions, sampling, budget)
+    live_options = frozenset({"system_prompt", "max_new_tokens", "temperature", "top_p",
+                              "top_k", "repetition_penalty", "seed", "history",
+                              "max_history_messages", "max_tool_rounds"})
 
     class Options(StageOptions):
         model: str = Field(
@@ -464,13 +469,26 @@ class TransformersLM(Stage):
         if not o.history:  # the newest user message, and the tool exchange that follows it
             users = [i for i, m in enumerate(history) if m["role"] == "user"]
             history = history[users[-1]:] if users else []
-        return fit_prompt(self.lm, history, o.system_prompt, o.max_history_messages,
+        system = o.system_prompt
+        extra = getattr(self, "_instructions", None)  # one answer's own (RespondFrame)
+        if extra:
+            system = f"{system}\n\n{extra}" if system else extra
+        return fit_prompt(self.lm, history, system, o.max_history_messages,
                           o.max_new_tokens, o.chat_template, schemas)
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         if isinstance(frame, ToolResultFrame):
             async for out in self._tool_result(frame):
                 yield out
+            return
+        if isinstance(frame, RespondFrame):  # answer now, from the conversation so far
+            self._waiting.clear()
+            self._instructions = frame.instructions
+            try:
+                async for out in self._answer(frame.turn):
+                    yield out
+            finally:
+                self._instructions = None
             return
         assert isinstance(frame, TranscriptFrame)
         assert self.lm is not None

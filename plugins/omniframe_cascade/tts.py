@@ -220,6 +220,8 @@ class EspeakTTS(SentenceTTS):
     install_hint = ("Install it: apt-get install -y espeak-ng (Debian/Ubuntu), "
                     "brew install espeak-ng (macOS), or give its path as options.executable.")
 
+    live_options = frozenset({"voice", "rate", "pitch", "volume", "word_gap"})
+
     class Options(SentenceTTS.Options):
         voice: str = Field("en-us", description="espeak-ng voice (espeak-ng --voices)")
         rate: int = Field(175, ge=80, le=500, description="words per minute")
@@ -256,6 +258,8 @@ class FliteTTS(SentenceTTS):
     program = ("flite",)
     install_hint = ("Install it: apt-get install -y flite (Debian/Ubuntu), "
                     "or give its path as options.executable.")
+
+    live_options = frozenset({"voice", "speed"})
 
     class Options(SentenceTTS.Options):
         voice: str = Field("slt", description="flite voice name (flite -lv) or .flitevox path")
