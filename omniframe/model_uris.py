@@ -21,8 +21,10 @@ __all__ = [
     "BUILTIN_RESOLVERS",
     "ModelNotAvailable",
     "ModelRef",
+    "hf_repo",
     "is_random",
     "model_cache_key",
+    "random_preset",
     "resolve_model",
     "split_uri",
 ]
@@ -68,6 +70,22 @@ def is_random(uri: str) -> bool:
     return split_uri(uri)[0] == "random"
 
 
+def random_preset(uri: str) -> str:
+    """``random://tiny`` → ``"tiny"``; ModelNotAvailable without a preset name."""
+    rest = split_uri(uri)[1]
+    if not rest:
+        raise ModelNotAvailable(f"{uri!r}: random:// needs a preset name, e.g. random://tiny")
+    return rest
+
+
+def hf_repo(uri: str) -> tuple[str, str | None]:
+    """``hf://org/name@rev`` → ``("org/name", "rev")`` (revision None when not given)."""
+    repo, _, revision = split_uri(uri)[1].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ModelNotAvailable(f"{uri!r}: expected hf://org/name[@revision]")
+    return repo, revision or None
+
+
 def model_cache_key(kind: str, uri: str, *parts: object, seed: int | None = None) -> tuple:
     """The key of a loaded model in the process-wide cache (``Stage.shared_model``):
     ``kind`` (who loads it), the URI and whatever else makes the loaded object different
@@ -107,17 +125,11 @@ def _resolve_pkg(uri: str) -> ModelRef:
 
 
 def _resolve_random(uri: str) -> ModelRef:
-    _, rest = split_uri(uri)
-    if not rest:
-        raise ModelNotAvailable(f"{uri!r}: random:// needs a preset name, e.g. random://tiny")
-    return ModelRef(uri=uri, scheme="random", preset=rest)
+    return ModelRef(uri=uri, scheme="random", preset=random_preset(uri))
 
 
 def _resolve_hf(uri: str) -> ModelRef:
-    _, rest = split_uri(uri)
-    repo, _, revision = rest.partition("@")
-    if repo.count("/") != 1:
-        raise ModelNotAvailable(f"{uri!r}: expected hf://org/name[@revision]")
+    repo, revision = hf_repo(uri)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:

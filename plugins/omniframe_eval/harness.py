@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from omniframe.model_uris import is_random
 from omniframe_eval.evalconfig import EvalConfig, PipelineEntry
 from omniframe_eval.items import EvalItem
 
@@ -82,7 +83,7 @@ def _random_models(data: Any) -> list[str]:
         elif isinstance(x, list):
             for v in x:
                 walk(v)
-        elif isinstance(x, str) and x.startswith("random://"):
+        elif isinstance(x, str) and is_random(x):
             found.append(x)
 
     for st in data.get("pipeline", []):

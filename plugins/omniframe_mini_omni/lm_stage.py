@@ -30,7 +30,13 @@ from omniframe.frames import (
     TextDeltaFrame,
     TranscriptFrame,
 )
-from omniframe.model_uris import is_random, model_cache_key
+from omniframe.model_uris import (
+    hf_repo,
+    is_random,
+    model_cache_key,
+    random_preset,
+    split_uri,
+)
 from omniframe.stage import Stage, StageOptions
 
 __all__ = ["MiniOmniLM"]
@@ -110,13 +116,14 @@ def _load_lm(uri: str, dtype: str, device: str, seed: int) -> _Loaded:
     from omniframe_mini_omni import checkpoint
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    if uri.startswith("random://"):
-        bundle = _random_lm(uri[len("random://"):], torch_dtype, device, seed)
+    scheme = split_uri(uri)[0]
+    if scheme == "random":
+        bundle = _random_lm(random_preset(uri), torch_dtype, device, seed)
         return _Loaded(bundle, None)
-    if uri.startswith("hf://"):
-        repo, _, rev = uri[len("hf://"):].partition("@")
+    if scheme == "hf":
+        repo, rev = hf_repo(uri)
         try:
-            folder = checkpoint.download_mini_omni(repo, rev or None)
+            folder = checkpoint.download_mini_omni(repo, rev)
         except checkpoint.CheckpointError as exc:
             from omniframe.model_uris import ModelNotAvailable
 

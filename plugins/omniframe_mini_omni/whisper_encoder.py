@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from omniframe.model_uris import ModelNotAvailable
+from omniframe.model_uris import ModelNotAvailable, is_random, random_preset
 
 if TYPE_CHECKING:
     import numpy as np
@@ -319,8 +319,8 @@ def load_whisper_encoder(model: str, *, device: str = "cpu", dtype: str = "float
 
     if model in whisper.available_models():
         enc = load_checkpoint(download_official(model, download_root))
-    elif model.startswith("random://"):
-        enc = random_encoder(model[len("random://"):], seed)
+    elif is_random(model):
+        enc = random_encoder(random_preset(model), seed)
     else:
         from omniframe.model_uris import resolve_model
 
