@@ -57,6 +57,10 @@ RELEASE_WAIT_S = 30.0
 """How long leaving a request waits for the engine to confirm that its slot is free."""
 
 
+HOLD_MAX_S = 0.05
+"""Longest wait of the step loop for a held request's consumer (:attr:`StepResult.hold`)."""
+
+
 class EngineClosed(RuntimeError):
     """The engine was closed while the request was queued or running."""
 
@@ -70,12 +74,17 @@ class StepResult:
         done: the request is finished (after ``items``); its slot is released.
         error: the request failed; the consumer's iteration raises it.
         info: a final value kept on :attr:`Request.info` (e.g. a stop reason).
+        hold: for a request submitted with ``holds=True``: the next step waits (at most
+            :data:`HOLD_MAX_S`) until the consumer calls :meth:`Request.resume`, so that what
+            the consumer queues on the compute thread for these items (the first audio chunk)
+            runs before that step.
     """
 
     items: list[Any] = field(default_factory=list)
     done: bool = False
     error: BaseException | None = None
     info: Any = None
+    hold: bool = False
 
 
 class EngineModel(Protocol):
@@ -112,8 +121,10 @@ _END = object()
 class Request:
     """One request's handle: an async iterator of the items the engine produces for it."""
 
-    def __init__(self, engine: Engine, work: Work, cost: int) -> None:
+    def __init__(self, engine: Engine, work: Work, cost: int, holds: bool = False) -> None:
         self._engine = engine
+        self.holds = holds
+        self._resume = threading.Event()
         self.work = work
         self.cost = cost
         self.info: Any = None
@@ -144,6 +155,10 @@ class Request:
             self._queue.put_nowait(item)
             raise item.error
         return item
+
+    def resume(self) -> None:
+        """The consumer has queued its work for a held step's items: the loop may go on."""
+        self._resume.set()
 
     def cancel(self) -> None:
         """Ask the engine to drop this request (thread-safe, idempotent)."""
@@ -231,10 +246,11 @@ class Engine:
             return len(self._queue)
 
     @contextlib.asynccontextmanager
-    async def submit(self, payload: Any) -> AsyncIterator[Request]:
+    async def submit(self, payload: Any, *, holds: bool = False) -> AsyncIterator[Request]:
         """Queue a request; yields its :class:`Request`. Leaving the block cancels it if it is
-        still running and waits until its slot is free."""
-        request = self._enqueue(payload)
+        still running and waits until its slot is free. ``holds``: honour the model's
+        :attr:`StepResult.hold` for it (the consumer calls :meth:`Request.resume`)."""
+        request = self._enqueue(payload, holds)
         try:
             yield request
         finally:
@@ -253,12 +269,12 @@ class Engine:
             thread.join(timeout=RELEASE_WAIT_S)
 
     # ------------------------------------------------------------------ internals
-    def _enqueue(self, payload: Any) -> Request:
+    def _enqueue(self, payload: Any, holds: bool = False) -> Request:
         cost = max(1, int(self.model.prefill_cost(payload)))
         with self._cond:
             if self._closed:
                 raise EngineClosed(f"{self.name} is closed")
-            request = Request(self, Work(next(self._ids), payload), cost)
+            request = Request(self, Work(next(self._ids), payload), cost, holds)
             self._queue.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drive, name=f"omniframe-{self.name}",
@@ -348,6 +364,7 @@ class Engine:
         if self.step_log is not None:
             self.step_log.append((len(prefill), len(decode), time.perf_counter() - t0))
 
+        held: list[Request] = []
         for r in (*prefill, *decode):
             if error is not None:
                 r._post(_Failure(error))
@@ -355,6 +372,9 @@ class Engine:
             res = (results or {}).get(r.id)
             if res is None:
                 continue
+            if res.hold and r.holds and not (res.done or res.error):
+                r._resume.clear()  # before the items go out: their consumer resumes
+                held.append(r)
             for item in res.items:
                 if not r._post(item):
                     r.cancel()
@@ -371,6 +391,9 @@ class Engine:
                 if r._cancelled:
                     r._post(_END)
                 r._mark_released()
+        for r in held:
+            if not r._cancelled:
+                r._resume.wait(HOLD_MAX_S)
 
     def _on_compute(self, fn: Any) -> Any:
         """Run ``fn()`` on the compute thread (CPU) or here; _ExecutorGone at interpreter exit."""

@@ -55,7 +55,7 @@ class Fake:
                     continue
                 w.state = i + 1
                 out[w.id] = StepResult(items=[f"{name}:{i}"], done=i + 1 >= n,
-                                       info="end" if i + 1 >= n else None)
+                                       info="end" if i + 1 >= n else None, hold=i == 0)
             return out
 
     def release(self, work):
@@ -219,3 +219,27 @@ async def test_close_ends_queued_and_running(fake):
     assert not fake.live
     with pytest.raises(EngineClosed):
         await collect(engine, ("late", 1, 1))
+
+
+async def test_a_held_step_waits_for_resume(fake):
+    engine = Engine(fake, capacity=2, device="cpu")
+    try:
+        async with engine.submit(("h", 4, 1), holds=True) as req:
+            got = [await req.__anext__()]
+            steps = len(fake.steps)
+            await asyncio.sleep(0.02)  # < HOLD_MAX_S: the loop waits for us
+            assert len(fake.steps) == steps
+            req.resume()
+            got += [x async for x in req]
+        assert got == ["h:0", "h:1", "h:2", "h:3"]
+        # without holds=True the hold flag is ignored: the loop runs on while we wait
+        async with engine.submit(("n", 3, 1)) as req:
+            got = [await req.__anext__()]
+            for _ in range(100):
+                if fake.steps[-1][1] or len(fake.steps) > steps + 2:
+                    break
+                await asyncio.sleep(0.01)
+            got += [x async for x in req]
+        assert got == ["n:0", "n:1", "n:2"] and not req.holds
+    finally:
+        engine.close()

@@ -342,4 +342,6 @@ class MiniOmniEngineModel:
     def _emit(t: _Turn) -> StepResult:
         items, t.pending = t.pending, []
         done = t.stream.stop_reason is not None
-        return StepResult(items=items, done=done, info=t.stream.stop_reason if done else None)
+        first_frame = any(s.frame_index == 0 for s in items)  # the consumer starts the codec
+        return StepResult(items=items, done=done, info=t.stream.stop_reason if done else None,
+                          hold=first_frame)

@@ -487,7 +487,7 @@ class MiniOmniLM(Stage):
         self._active = (turn, text)
         steps = 0
         t0 = time.perf_counter()
-        async with engine.submit(request) as answer:
+        async with engine.submit(request, holds=True) as answer:
             while True:
                 try:
                     step = await answer.__anext__()
@@ -509,6 +509,7 @@ class MiniOmniLM(Stage):
                                           index=step.frame_index)
                     if step.frame_index == 0:
                         await _let_downstream_submit()
+                        answer.resume()  # the engine held its next step for the codec
             reason = answer.info
         tail = text.flush()
         if tail:

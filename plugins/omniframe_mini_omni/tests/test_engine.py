@@ -289,3 +289,57 @@ async def test_stage_cancel_at_every_point_on_the_engine():
             assert await _answer(lm, _feats(1)) == reference, f"after a cancel at {n}"
     assert cut > 10
     await lm.teardown()
+
+
+@pytest.mark.anyio
+async def test_engine_first_audio_chunk_runs_before_the_next_step(monkeypatch):
+    """test_stages' ordering on the engine path: the step that emits frame 0 is held until
+    the codec has queued its first chunk on the compute thread."""
+    import threading
+    import time
+
+    pytest.importorskip("snac")
+    pytest.importorskip("whisper")
+    from omniframe_mini_omni.engine import MiniOmniEngineModel as EM
+    from omniframe_mini_omni.snac_codec import ChunkedDecoder
+    from omniframe_mini_omni.snac_stage import SnacCodec
+    from omniframe_mini_omni.stages import MiniOmniLM
+    from omniframe_mini_omni.whisper_stage import WhisperEncoderStage
+
+    from omniframe.frames import OutputAudioFrame, UserTurnFrame
+    from omniframe.resources import Resources
+    from omniframe.session import Session
+    from omniframe.stage import StageContext
+    from omniframe.testing import run_frames, speech_like
+
+    calls: list[tuple[str, int]] = []
+    step, decode_range = EM.step, ChunkedDecoder.decode_range
+
+    def lm_step(self, prefill, decode):
+        calls.append(("lm", threading.get_ident()))
+        return step(self, prefill, decode)
+
+    def decode(self, *args, **kwargs):
+        calls.append(("snac", threading.get_ident()))
+        return decode_range(self, *args, **kwargs)
+
+    monkeypatch.setattr(EM, "step", lm_step)
+    monkeypatch.setattr(ChunkedDecoder, "decode_range", decode)
+    session, resources = Session(), Resources()
+
+    def ctx(name):
+        return StageContext(name=name, session=session, resources=resources)
+
+    stages = [
+        WhisperEncoderStage({"model": "random://test-768", "trim": True}, ctx("encoder")),
+        MiniOmniLM({"model": "random://tiny", "max_new_tokens": 12, "engine": True}, ctx("lm")),
+        SnacCodec({"model": "random://snac_24khz", "deterministic": True,
+                   "first_chunk_frames": 1}, ctx("codec")),
+    ]
+    turn = UserTurnFrame(samples=speech_like([("speech", 0.8)], seed=1), sample_rate=16000,
+                         turn=1, speech_end_ts=time.monotonic())
+    result = await run_frames(stages, [turn], timeout=120)
+    assert any(isinstance(f, OutputAudioFrame) for f in result.frames)
+    kinds = [k for k, _ in calls]
+    assert kinds[:9] == ["lm"] * 8 + ["snac"], kinds
+    assert len({t for _, t in calls}) == 1 and threading.get_ident() not in {t for _, t in calls}
