@@ -32,6 +32,17 @@ How each piece keeps a request's numbers those of its solo run:
   decoding, as the stage's FastLM does (a multinomial draw must still consume its random
   numbers).
 
+**Not done yet (GPU, issue 12).** Written to run on CUDA (the engine runs steps on its driver
+thread there) but not run on a GPU. What the GPU part needs: a preallocated pool of KV slots
+(one (capacity, G, block_size, hs) tensor per layer, or pages) instead of per-request
+allocation; attention over all requests in one kernel (varlen/paged flash-decoding) instead
+of the per-request loop here, which costs a launch per request and layer; CUDA graphs of the
+decode step captured per padded row count (1, 2, 4, 8, ...), with positions and slot indices
+as graph inputs; and SNAC decoding of all sessions' pending frames in one batch (today each
+session's codec stage decodes its own frames). The CPU part still missing: the AVX512-BF16
+kernel (csrc/small_linear.cpp) takes at most kernels.MAX_ROWS = 4 rows per weight pass; more
+rows go in chunks of 4 (extending it needs a CPU with AVX512-BF16 to test on).
+
 Requests are :class:`TurnRequest`; the engine emits :class:`~omniframe_mini_omni.generate.
 DecodeStep` items and finishes with the stop reason as ``info``.
 

@@ -225,7 +225,8 @@ class MiniOmniLM(Stage):
         """Decode through the model's shared engine (omniframe_mini_omni/engine.py): the turns
         of every pipeline on this model decode together, one batched step for all, each with
         the tokens of a solo run (float32). False: one turn at a time under the model's lock.
-        Not with ``faithful``."""
+        Not with ``faithful``. Engine steps hold the model's lock too, so stages of both
+        kinds on one model take turns (a solo turn may wait while the engine has work)."""
         faithful: bool = False
         """Compute as the reference does: all 181,120 logits at every prompt position, both
         heads for both rows, both batch rows prefilled in full, the text head kept after the
