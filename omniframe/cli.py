@@ -509,6 +509,10 @@ def config_schema_cmd(output: str | None) -> None:
         click.echo(text)
 
 
+from omniframe.serve.command import serve as _serve  # noqa: E402
+
+cli.add_command(_serve)
+
 _commands_added = False
 
 

@@ -1,0 +1,252 @@
+"""The Starlette app: ``/v1/realtime`` (WebSocket), auth, origin check, session cap, limits.
+
+Each connection gets its own :class:`~omniframe.serve.bridge.RealtimeSession` (its own
+pipeline and conversation; models are shared through the process-wide cache), a bounded
+queue of server events and a bounded queue of input audio. A session ends with a close code
+and a reason, after an ``error`` event saying why when the server ends it:
+
+=====  ===================================================================
+1008   policy: unknown model, conversation too long
+1009   too big: a message over the limit, the input audio buffer over the limit
+1011   the pipeline failed
+1013   the server is full (``--max-sessions``), try again later
+1001   idle timeout, session length limit
+=====  ===================================================================
+
+A missing or wrong API key is refused before the WebSocket opens (HTTP 401), as a foreign
+``Origin`` is (HTTP 403).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import structlog
+
+from omniframe.serve import protocol as P
+from omniframe.serve.bridge import Limits, RealtimeSession, ServedModel
+from omniframe.serve.protocol import ProtocolError
+
+__all__ = ["Settings", "create_app", "run_server"]
+
+log = structlog.get_logger("omniframe.serve")
+
+KEY_PROTOCOL = "openai-insecure-api-key."
+
+
+@dataclass
+class Settings:
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_sessions: int = 4
+    allow_origins: tuple[str, ...] = ()
+    check_events: bool = False  # validate every emitted event (tests, debugging)
+
+
+@dataclass
+class _Close:
+    code: int
+    reason: str
+
+
+def _offered_key(ws: Any) -> tuple[str | None, list[str]]:
+    protocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")
+                 if p.strip()]
+    auth = ws.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip(), protocols
+    for p in protocols:
+        if p.startswith(KEY_PROTOCOL):
+            return p[len(KEY_PROTOCOL):], protocols
+    return None, protocols
+
+
+def _origin_ok(ws: Any, allowed: tuple[str, ...]) -> bool:
+    origin = ws.headers.get("origin")
+    if origin is None:  # not a browser (the SDK sends none): the API key is the guard
+        return True
+    if origin in allowed or "*" in allowed:
+        return True
+    return urlsplit(origin).netloc == ws.headers.get("host")
+
+
+def create_app(served: dict[str, ServedModel], settings: Settings) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    default_model = next(iter(served))
+    state = {"sessions": 0}
+
+    async def deny(ws: WebSocket, status: int, code: str, message: str) -> None:
+        body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
+        try:
+            await ws.send_denial_response(JSONResponse(body, status_code=status))
+        except RuntimeError:  # the server cannot answer a handshake with HTTP
+            await ws.close(1008, code)
+
+    async def realtime(ws: WebSocket) -> None:
+        key, protocols = _offered_key(ws)
+        if settings.api_key is not None and (
+                key is None or not hmac.compare_digest(key.encode(), settings.api_key.encode())):
+            log.info("session refused: bad or missing API key", client=str(ws.client))
+            await deny(ws, 401, "invalid_api_key", "missing or wrong API key (send "
+                       "Authorization: Bearer <key>)")
+            return
+        if not _origin_ok(ws, settings.allow_origins):
+            await deny(ws, 403, "origin_not_allowed", "this Origin may not open sessions")
+            return
+        subprotocol = "realtime" if "realtime" in protocols else None
+        await ws.accept(subprotocol=subprotocol)
+        name = ws.query_params.get("model") or default_model
+        if name not in served:
+            await _refuse(ws, "model_not_found", f"no served model {name[:80]!r}; served: "
+                          f"{', '.join(served)}", 1008)
+            return
+        if state["sessions"] >= settings.max_sessions:
+            await _refuse(ws, "session_limit_reached", f"the server holds its maximum of "
+                          f"{settings.max_sessions} sessions; try again later", 1013)
+            return
+        state["sessions"] += 1
+        try:
+            await _session(ws, served[name], settings,
+                           metrics=ws.query_params.get("omniframe_metrics") == "1")
+        finally:
+            state["sessions"] -= 1
+
+    async def health(request: Any) -> Any:
+        return JSONResponse({"status": "ok", "models": list(served),
+                             "sessions": state["sessions"]})
+
+    return Starlette(routes=[WebSocketRoute("/v1/realtime", realtime),
+                             Route("/health", health)])
+
+
+async def _refuse(ws: Any, code: str, message: str, close: int) -> None:
+    event = P.error_event(ProtocolError(code, message))
+    await ws.send_text(json.dumps(event))
+    await ws.close(close, code)
+
+
+async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bool) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    limits = settings.limits
+    out_tx, out_rx = anyio.create_memory_object_stream[Any](limits.event_queue)
+    checker = None
+    if settings.check_events:
+        from omniframe.serve.contract import ContractChecker
+
+        checker = ContractChecker(allow_extensions=metrics)
+    closing = anyio.Event()
+
+    async def send(event: dict[str, Any]) -> None:
+        await out_tx.send(event)
+
+    async def close(code: int, reason: str) -> None:
+        closing.set()
+        await out_tx.send(_Close(code, reason))
+
+    bridge = RealtimeSession(served, limits, send, close, metrics_events=metrics)
+    bridge.send_nowait = out_tx.send_nowait
+    log.info("session started", session=bridge.id, model=served.name, client=str(ws.client))
+
+    async with anyio.create_task_group() as tg:
+
+        async def sender() -> None:
+            async for item in out_rx:
+                if isinstance(item, _Close):
+                    await ws.close(item.code, item.reason)
+                    tg.cancel_scope.cancel()
+                    return
+                if checker is not None:
+                    problem = checker.problem(item)
+                    if problem is not None:
+                        log.error("server event breaks the contract", problem=problem)
+                        item = P.error_event(ProtocolError(
+                            "server_contract_violation", problem[:500], type_="server_error"))
+                await ws.send_text(json.dumps(item))
+
+        async def receiver() -> None:
+            while True:
+                with anyio.move_on_after(limits.idle_s) as idle:
+                    msg = await ws.receive()
+                if idle.cancelled_caught:
+                    await send(P.error_event(ProtocolError(
+                        "session_idle_timeout", f"no client event for {limits.idle_s:g} s")))
+                    await close(1001, "idle timeout")
+                    return
+                if msg["type"] == "websocket.disconnect":
+                    tg.cancel_scope.cancel()
+                    return
+                event_id = None
+                try:
+                    text = msg.get("text")
+                    if text is None:
+                        raise ProtocolError("invalid_event", "binary messages are not part "
+                                            "of the protocol: send JSON text")
+                    if len(text) > limits.max_message_bytes:
+                        raise ProtocolError("message_too_large", f"a message may have at most "
+                                            f"{limits.max_message_bytes} bytes", close=1009)
+                    event = P.parse_client_event(text)
+                    event_id = event.get("event_id") if isinstance(
+                        event.get("event_id"), str) else None
+                    await bridge.handle(event)
+                except ProtocolError as exc:
+                    await send(P.error_event(exc, event_id))
+                    if exc.close is not None:
+                        await close(exc.close, exc.code)
+                        return
+
+        async def lifetime() -> None:
+            await anyio.sleep(limits.max_session_s)
+            await send(P.error_event(ProtocolError(
+                "session_expired", f"sessions last at most {limits.max_session_s:g} s")))
+            await close(1001, "session expired")
+
+        tg.start_soon(bridge.run_pipeline)
+        tg.start_soon(sender)
+        tg.start_soon(lifetime)
+        await bridge.start()
+        try:
+            await receiver()
+        except WebSocketDisconnect:
+            tg.cancel_scope.cancel()
+        if closing.is_set():
+            with anyio.move_on_after(5):  # the sender closes the socket, then cancels
+                await anyio.sleep_forever()
+        tg.cancel_scope.cancel()
+    bridge.stop()
+    log.info("session ended", session=bridge.id)
+
+
+def run_server(served: dict[str, ServedModel], settings: Settings, host: str, port: int,
+               announce: Any = print) -> None:
+    """Serve until interrupted; ``announce(line)`` gets the address once listening."""
+    import asyncio
+
+    import uvicorn
+
+    app = create_app(served, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                            ws_max_size=2 * settings.limits.max_message_bytes + (1 << 20),
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no event)
+            await asyncio.sleep(0.02)
+        if server.started:
+            bound = server.servers[0].sockets[0].getsockname()
+            announce(f"omniframe serve: listening on ws://{bound[0]}:{bound[1]}/v1/realtime "
+                     f"(models: {', '.join(served)})")
+        await task
+
+    asyncio.run(main())
