@@ -289,6 +289,30 @@ async def test_response_cancel_mid_answer(server: Server) -> None:
         assert not any(e.get("response_id") == rid for e in after)
 
 
+async def test_barge_in_cancels_the_answer(server: Server) -> None:
+    """User speech during an answer (server VAD, interrupt_response): the answer ends with
+    response.done cancelled / turn_detected, nothing of it follows, the speech is answered."""
+    long = " ".join(f"word{i}" for i in range(30))
+    x = speech_like([("speech", 0.8), ("silence", 0.8)], sample_rate=24000)
+    async with sdk_client(server) as c:
+        await c.say(long)
+        await c.send({"type": "response.create"})
+        rid = (await c.until("response.output_audio.delta"))[-1]["response_id"]
+        await c.append(x)
+        evs = await c.until("response.done")
+        done = evs[-1]["response"]
+        assert done["id"] == rid and done["status"] == "cancelled"
+        assert done["status_details"]["reason"] == "turn_detected"
+        evs = await c.until("response.done")  # the answer to the interrupting speech
+        assert "input_audio_buffer.speech_started" in types(c.events)
+        assert evs[-1]["response"]["status"] == "completed"
+        idx = next(i for i, e in enumerate(c.events)
+                   if e["type"] == "response.done" and e["response"]["id"] == rid)
+        assert not any(e.get("response_id") == rid for e in c.events[idx + 1:])
+        transcript = evs[-1]["response"]["output"][0]["content"][0]["transcript"]
+        assert transcript.startswith("I heard")
+
+
 async def test_truncate_cuts_history(server: Server) -> None:
     """conversation.item.truncate of a finished answer at half its audio: truncated event,
     and the conversation keeps only the heard words (conversation.item.retrieve); bad
