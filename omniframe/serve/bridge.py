@@ -101,7 +101,6 @@ def load_served(paths: list[str], overrides: list[str] | None = None) -> dict[st
     """Load and check the configs to serve, named by their ``name:`` (else the file stem)."""
     from omniframe.cli import prepare_config
     from omniframe.config import ConfigError, resolve_stages
-    from omniframe.pipeline import build_pipeline
 
     out: dict[str, ServedModel] = {}
     for path in paths:
@@ -117,15 +116,53 @@ def load_served(paths: list[str], overrides: list[str] | None = None) -> dict[st
             f = src.cls.Options.model_fields.get("sample_rate")
             rate = f.default if f is not None and isinstance(f.default, int) else 16000
         model = ServedModel(name=name, cfg=cfg, label=label, input_rate=int(rate))
-        build_pipeline(_serving_cfg(cfg), source=label, collect=False)  # the chain check
+        assemble(model)  # the chain check, with the server's source and sink
         out[name] = model
     return out
 
 
-def _serving_cfg(cfg: Any) -> Any:
-    """The config without its sinks (the server's sink replaces them) and observers."""
-    stages = [s for s in cfg.pipeline if s.kind != "sink"]
-    return cfg.model_copy(update={"pipeline": stages, "observers": []})
+def assemble(served: ServedModel) -> Any:
+    """A session's pipeline: :class:`LiveSource`, the config's stages other than its source
+    and sinks, :class:`RealtimeSink`; a new conversation, models from the process cache.
+    The config's observers are left out (they would write one file from every session)."""
+    from omniframe.chain import IncompatibleStages
+    from omniframe.config import ConfigError, resolve_stages
+    from omniframe.pipeline import Pipeline, PipelineError
+    from omniframe.resources import default_resources
+    from omniframe.session import Session
+
+    cfg, label = served.cfg, served.label
+    resolved = resolve_stages(cfg, label)
+    toolbox = None
+    if cfg.tools:
+        from omniframe.plugins import get_registry
+        from omniframe.tools import build_toolbox
+
+        try:
+            toolbox = build_toolbox(cfg.tools, get_registry().tools)
+        except ValueError as exc:
+            raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], label) from None
+    session = Session()
+    resources = default_resources()
+
+    def ctx(name: str) -> StageContext:
+        return StageContext(name=name, session=session, resources=resources,
+                            device=cfg.device, tools=toolbox)
+
+    names = cfg.stage_names()
+    keep = [(n, r, spec) for n, r, spec in zip(names, resolved, cfg.pipeline, strict=True)
+            if spec.kind != "sink"][1:]
+    src = LiveSource({"sample_rate": served.input_rate}, ctx(names[0]))
+    middle = [r.cls(r.options, ctx(n)) for n, r, _ in keep]
+    sink_name = "realtime" if "realtime" not in names else "realtime-out"
+    sink = RealtimeSink({}, ctx(sink_name))
+    limits = {n: spec.watchdog for n, _, spec in keep if spec.watchdog}
+    try:
+        return Pipeline([src, *middle, sink], buffer=cfg.buffer, collect=False,
+                        watchdog=cfg.watchdog, stage_watchdog=limits)
+    except (IncompatibleStages, PipelineError) as exc:
+        raise ConfigError([("pipeline", f"served with the client's audio and text as its "
+                                        f"source: {exc}")], label) from None
 
 
 # ------------------------------------------------------------------------------ stages
@@ -255,28 +292,15 @@ class RealtimeSession:
     def _build(self) -> None:
         from omniframe_audio.resampling import StreamResampler
 
-        from omniframe.pipeline import Pipeline, build_pipeline
-
-        p = build_pipeline(_serving_cfg(self.served.cfg), source=self.served.label,
-                           collect=False)
-        first = p.stages[0].context
-
-        def ctx(name: str) -> StageContext:
-            return StageContext(name=name, session=first.session, resources=first.resources,
-                                device=first.device, tools=first.tools)
-
+        self.pipeline = assemble(self.served)
+        src, sink = self.pipeline.stages[0], self.pipeline.stages[-1]
+        assert isinstance(src, LiveSource) and isinstance(sink, RealtimeSink)
         self.rate = self.served.input_rate
-        src = LiveSource({"sample_rate": self.rate}, ctx(first.name))
         self.audio_tx, src.rx = anyio.create_memory_object_stream[np.ndarray](
             self.limits.audio_queue)
         self.ready = src.ready = anyio.Event()
-        names = {s.context.name for s in p.stages}
-        sink = RealtimeSink({}, ctx("realtime" if "realtime" not in names else "realtime-out"))
         sink.bridge = self
-        self.pipeline = Pipeline([src, *p.stages[1:], sink], buffer=p.buffer,
-                                 observers=p.observers, collect=False, watchdog=p.watchdog,
-                                 stage_watchdog=p.stage_watchdog)
-        self.session = first.session
+        self.session = src.context.session
         stages = self.pipeline.stages
         self.vads = [s for s in stages if s.kind == "vad"]
         self.after_vad = None
