@@ -27,6 +27,10 @@ How it runs::
   on the driver thread.
 * **Routing.** What a step emits for a request goes to that request's asyncio queue on the
   consumer's own event loop (sessions may run on different loops/threads).
+* **Holds.** A request submitted with ``holds=True`` may have a step's result hold the loop
+  (:attr:`StepResult.hold`) until its consumer calls :meth:`Request.resume`, at most
+  :data:`HOLD_MAX_S`: the consumer's work on those items (Mini-Omni: the first audio chunk's
+  SNAC decode) then reaches the compute thread before the next step.
 * **Cancellation.** A request may be cancelled at any point (consumer cancelled, ``break``, an
   exception, the consumer's loop closed): queued, it leaves the queue; admitted, it is dropped at
   the next step boundary, ``EngineModel.release`` runs on the compute thread, and the slot is
