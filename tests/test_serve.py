@@ -399,6 +399,24 @@ async def test_no_turn_detection_commit_and_clear(server: Server) -> None:
         assert types(evs).count("response.created") == 1
 
 
+async def test_beta_shaped_session_update_is_accepted(server: Server) -> None:
+    """Lenient in: a beta-shaped session.update (flat fields, pcm16) is understood, and the
+    answer is reported in the GA shape."""
+    async with sdk_client(server) as c:
+        await c.send({"type": "session.update", "session": {
+            "modalities": ["text"], "input_audio_format": "pcm16",
+            "output_audio_format": "pcm16", "voice": "alloy",
+            "turn_detection": {"type": "server_vad", "threshold": 0.6,
+                               "silence_duration_ms": 450},
+            "input_audio_transcription": {"model": "whisper-1"}}})
+        s = (await c.until("session.updated"))[-1]["session"]
+    assert s["type"] == "realtime" and s["output_modalities"] == ["text"]
+    assert s["audio"]["input"]["turn_detection"]["threshold"] == 0.6
+    assert s["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 450
+    assert s["audio"]["input"]["transcription"] == {"model": "whisper-1"}
+    assert s["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+
+
 # ------------------------------------------------------------------- raw client, errors
 
 
@@ -572,6 +590,26 @@ def test_contract_checker_catches_a_broken_stream(breakage: str) -> None:
         s[4]["event_id"] = s[3]["event_id"]
     with pytest.raises(ContractViolation):
         ContractChecker().check_all(s)
+
+
+async def test_graceful_shutdown_closes_sessions() -> None:
+    """SIGTERM with a session open: the client sees a close with a code, the server ends
+    within seconds, without a traceback."""
+    s = Server(key=None)
+    try:
+        async with websockets.connect(s.url) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            s.proc.terminate()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                with anyio.fail_after(10):
+                    while True:
+                        await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code in (1001, 1012)
+        # uvicorn re-raises the signal once it has shut down: the exit is "by SIGTERM"
+        assert s.proc.wait(10) in (0, -15)
+        assert "Traceback" not in "".join(s.lines)
+    finally:
+        s.stop()
 
 
 def test_serve_core_import_stays_light() -> None:

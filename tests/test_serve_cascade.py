@@ -37,6 +37,7 @@ async def test_cascade_answers_a_spoken_question() -> None:
         async with sdk_client(s, model="cascade") as c:
             await c.send({"type": "session.update", "session": {
                 "type": "realtime",
+                "audio": {"input": {"transcription": {"model": "whisper-1"}}},
                 "instructions": "You are a helpful voice assistant. Answer in one short "
                                 "sentence."}})
             await c.until("session.updated", timeout=120)  # the first session loads models
@@ -48,6 +49,10 @@ async def test_cascade_answers_a_spoken_question() -> None:
     t = types(evs)
     assert t.index("input_audio_buffer.speech_started") < t.index(
         "input_audio_buffer.speech_stopped") < t.index("response.created")
+    heard = [e for e in evs
+             if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(heard) == 1 and "capital" in heard[0]["transcript"].lower(), heard
+    assert heard[0]["item_id"] == evs[t.index("input_audio_buffer.committed")]["item_id"]
     done = evs[-1]["response"]
     assert done["status"] == "completed", done
     transcript = done["output"][0]["content"][0]["transcript"]

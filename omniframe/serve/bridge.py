@@ -278,6 +278,8 @@ class RealtimeSession:
         self.response_opts: dict[int, dict[str, Any]] = {}
         self.adoptable: list[int] = []  # turns the pipeline answers without response.create
         self.user_items: dict[int, str] = {}  # VAD turn -> its user item id
+        self.spoken: dict[int, tuple[str, float]] = {}  # turn -> (user audio item, seconds)
+        self.speech_start: dict[int, float] = {}
         self.calls: dict[str, int] = {}  # call_id -> turn
         self.vad_turn: int | None = None  # a VAD turn is open
         self.buffer: list[np.ndarray] = []  # 24 kHz input held for commit (no server VAD)
@@ -476,6 +478,7 @@ class RealtimeSession:
         await self.send(server_event("conversation.item.done", previous_item_id=prev,
                                      item=item.item))
         self.adoptable.append(turn)
+        self._spoken(turn, item.id, len(y) / self.rate)
         await self.pipeline.push(UserTurnFrame(turn=turn, samples=y, sample_rate=self.rate,
                                                end_pts=len(y) / self.rate,
                                                speech_end_ts=time.monotonic()),
@@ -606,9 +609,18 @@ class RealtimeSession:
     # ------------------------------------------------------------------ frames in
 
     async def on_frame(self, frame: Frame) -> None:
+        try:
+            await self._on_frame(frame)
+        except ProtocolError as exc:  # a limit reached by the pipeline's output
+            await self.send(P.error_event(exc))
+            if exc.close is not None:
+                await self.close(exc.close, exc.code)
+
+    async def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, SpeechStartFrame):
             item_id = P.new_id("item")
             self.user_items[frame.turn] = item_id
+            self.speech_start[frame.turn] = frame.pts
             self.vad_turn = frame.turn
             if self.server_vad:
                 await self.send(server_event("input_audio_buffer.speech_started",
@@ -617,8 +629,10 @@ class RealtimeSession:
         elif isinstance(frame, SpeechEndFrame):
             self.vad_turn = None
             item_id = self.user_items.pop(frame.turn, None) or P.new_id("item")
+            start = self.speech_start.pop(frame.turn, frame.pts)
             if not self.server_vad:
                 return
+            self._spoken(frame.turn, item_id, frame.pts - start)
             await self.send(server_event("input_audio_buffer.speech_stopped",
                                          audio_end_ms=int(frame.pts * 1000), item_id=item_id))
             it = _Item(item_id, "user_audio", frame.turn, P.user_audio_item(item_id))
@@ -692,10 +706,26 @@ class RealtimeSession:
 
     # ------------------------------------------------------------- response pieces
 
+    def _spoken(self, turn: int, item_id: str, seconds: float) -> None:
+        self.spoken[turn] = (item_id, max(0.0, seconds))
+        while len(self.spoken) > 16:  # turns never answered
+            self.spoken.pop(next(iter(self.spoken)))
+
     async def _response_for(self, turn: int) -> _Response | None:
         if turn in self.cancelled_turns or turn <= 0:
             return None
-        return self.responses.get(turn) or await self._open_response(turn)
+        r = self.responses.get(turn)
+        if r is not None:
+            return r
+        spoken = self.spoken.pop(turn, None)
+        if spoken is not None and self.config.transcription is not None:
+            msg = self.session.last("user", turn)  # what the pipeline understood
+            if msg is not None:
+                await self.send(server_event(
+                    "conversation.item.input_audio_transcription.completed",
+                    item_id=spoken[0], content_index=0, transcript=msg.text,
+                    usage={"type": "duration", "seconds": round(spoken[1], 3)}))
+        return await self._open_response(turn)
 
     async def _open_response(self, turn: int) -> _Response:
         opts = self.response_opts.pop(turn, {})
@@ -822,6 +852,8 @@ class RealtimeSession:
         self.responses.pop(r.turn, None)
         if status == "cancelled":
             self.cancelled_turns.add(r.turn)
+            if len(self.cancelled_turns) > 64:  # older turns cannot come back
+                self.cancelled_turns.discard(min(self.cancelled_turns))
         await self.send(server_event("response.done",
                                      response=self._response_dict(r, status, reason)))
 

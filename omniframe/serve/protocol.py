@@ -236,6 +236,7 @@ class SessionConfig:
     tool_choice: str = "auto"
     max_output_tokens: int | str = "inf"
     temperature: float | None = None
+    transcription: dict[str, Any] | None = None  # report the user's transcript when set
 
     def to_dict(self) -> dict[str, Any]:
         fmt = {"type": "audio/pcm", "rate": INPUT_RATE}
@@ -246,7 +247,8 @@ class SessionConfig:
             "instructions": self.instructions,
             "audio": {
                 "input": {"format": dict(fmt), "turn_detection": (
-                    dict(self.turn_detection) if self.turn_detection is not None else None)},
+                    dict(self.turn_detection) if self.turn_detection is not None else None),
+                          "transcription": self.transcription},
                 "output": {"format": dict(fmt), "voice": self.voice},
             },
             "tools": list(self.tools),
@@ -283,6 +285,12 @@ class SessionConfig:
         if "turn_detection" in a_in or "turn_detection" in session:
             td = a_in["turn_detection"] if "turn_detection" in a_in else session["turn_detection"]
             out["turn_detection"] = self._turn_detection(td)
+        if "transcription" in a_in or "input_audio_transcription" in session:
+            tr = a_in.get("transcription", session.get("input_audio_transcription"))
+            if tr is not None and not isinstance(tr, dict):
+                raise ProtocolError("invalid_value", "'transcription' must be an object or "
+                                    "null", param="audio.input.transcription")
+            out["transcription"] = tr
         if "tools" in session and session["tools"] is not None:
             tools = session["tools"]
             if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
