@@ -549,4 +549,14 @@ def main(argv: list[str] | None = None) -> None:
         _add_plugin_commands()
     except PluginError as exc:
         _fail(str(exc))
-    cli.main(args=argv, prog_name="omniframe")
+    try:
+        cli.main(args=argv, prog_name="omniframe")
+    except SystemExit as exc:
+        if exc.code in (130, 143):  # interrupted: the run has stopped and closed its files
+            # leave now: the interpreter's teardown of loaded models takes ~1 s, which would
+            # break the promise that the first Ctrl-C ends the run within 2 s
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(exc.code)
+        raise

@@ -36,7 +36,7 @@ MOMENTS = {
     "asr": ('"SpeechEndFrame"', 0.0),
     "decoding": ('"event": "transcript"', 0.0),
     "tts": ("agent:", 0.0),
-    "writing": ('"stage": "wav", "kind": "sink", "turn": 1', 0.0),
+    "writing": ('"kind": "sink", "turn": 1', 0.0),  # the first sink has the answer
 }
 
 

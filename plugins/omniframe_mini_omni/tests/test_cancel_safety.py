@@ -135,6 +135,8 @@ def test_ctrl_c_while_decoding_is_an_interrupt_not_a_crash(tmp_path):
     assert code == 130, out[-2000:]
     assert elapsed < 2.0
     assert "failed" not in out and "Traceback" not in out
-    assert out.rstrip().endswith("interrupted")
-    data, rate = sf.read(answer)
-    assert rate == 24000 and np.isfinite(data).all()
+    # "interrupted", or, on a machine so loaded that a step outlasts the 1.2 s grace,
+    # "interrupted (the run did not stop within 1.2 s; ...)": exit 130 within 2 s either way
+    assert out.rstrip().splitlines()[-1].startswith("interrupted")
+    data, rate = sf.read(answer)  # a valid file: the answer so far (or empty if none came)
+    assert np.isfinite(data).all() and (rate == 24000 or len(data) == 0)

@@ -140,14 +140,26 @@ def _lm(resources, **options) -> MiniOmniLM:
                       StageContext(name="lm", session=Session(), resources=resources))
 
 
-async def test_a_turn_that_leaves_too_few_positions_is_capped_with_a_warning(resources):
-    from structlog.testing import capture_logs
+class _Log:
+    """Stands in for a stage's logger: records (level, message); structlog's capture_logs
+    misses loggers cached by an earlier test's configure_logging."""
 
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str]] = []
+
+    def __getattr__(self, level: str):
+        return lambda msg, **kw: self.records.append((level, str(msg)))
+
+    def bind(self, **kw):
+        return self
+
+
+async def test_a_turn_that_leaves_too_few_positions_is_capped_with_a_warning(resources):
     lm = _lm(resources, task="A1T2", max_new_tokens=2040, temperature=0.0)
-    with capture_logs() as logs:
-        result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(20, 768),
-                                                       frame_rate=50, turn=1)], timeout=120)
-    text = " ".join(str(e.get("event")) for e in logs if e.get("log_level") == "warning")
+    lm.log = log = _Log()  # type: ignore[assignment]
+    result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(20, 768),
+                                                   frame_rate=50, turn=1)], timeout=120)
+    text = " ".join(m for level, m in log.records if level == "warning")
     assert re.search(r"the user's speech \(20 Whisper frames, 0.4 s\) takes 23 positions \+ "
                      r"max_new_tokens 2040 = 2063, more than the model's context \(block_size "
                      r"2048\)\. Lower max_new_tokens \(lm options\) to at most 2025.*2025 "
@@ -156,15 +168,13 @@ async def test_a_turn_that_leaves_too_few_positions_is_capped_with_a_warning(res
 
 
 async def test_random_weights_decode_at_most_256_steps_by_default(resources, tmp_path: Path):
-    from structlog.testing import capture_logs
-
     trace = tmp_path / "steps.jsonl"
     lm = _lm(resources, task="A1T2", temperature=0.0, trace=str(trace))
-    with capture_logs() as logs:
-        result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(5, 768),
-                                                       frame_rate=50, turn=1)], timeout=120)
+    lm.log = log = _Log()  # type: ignore[assignment]
+    result = await run_frames([lm], [FeaturesFrame(features=torch.zeros(5, 768),
+                                                   frame_rate=50, turn=1)], timeout=120)
     assert lm.options.max_new_tokens == RANDOM_MAX_NEW_TOKENS
-    assert any("max_new_tokens defaults to 256" in str(e.get("event")) for e in logs)
+    assert any("max_new_tokens defaults to 256" in m for _, m in log.records)
     ends = [f for f in result.frames if isinstance(f, EndOfTurnFrame)]
     steps = len(trace.read_text().splitlines())
     assert ends and (ends[0].reason, steps) in (("max_tokens", 256), ("completed", steps))
