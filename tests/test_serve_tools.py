@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import anyio
 import pytest
 
 pytest.importorskip("starlette")
@@ -66,17 +67,34 @@ class ToolLM(Stage):
             yield EndOfTurnFrame(reason="empty")
 
 
+class BrokenLM(Stage):
+    """Fails on its first input: the pipeline stops."""
+
+    kind = "lm"
+    name = "broken-test"
+    consumes = (TranscriptFrame,)
+    produces = (TextDeltaFrame, EndOfTurnFrame)
+
+    async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        raise RuntimeError("the model fell over")
+        yield  # pragma: no cover
+
+
+def _register(register) -> None:
+    register(ToolLM)
+    register(BrokenLM)
+
+
 @contextlib.asynccontextmanager
-async def served(tmp_path: Path):
+async def served(tmp_path: Path, lm: str = "tool-test"):
     from omniframe.plugins import register_plugin, unregister_plugin
 
-    register_plugin(SimpleNamespace(register_stages=hookimpl(lambda register: register(ToolLM))),
-                    "serve-tool-test")
+    register_plugin(SimpleNamespace(register_stages=hookimpl(_register)), "serve-tool-test")
     cfg = tmp_path / "tools.yaml"
     cfg.write_text("name: tools\npipeline:\n"
                    "  - {kind: source, plugin: synth}\n"
                    "  - {kind: vad, plugin: energy}\n"
-                   "  - {kind: lm, plugin: tool-test}\n"
+                   f"  - {{kind: lm, plugin: {lm}}}\n"
                    "  - {kind: codec, plugin: echo}\n")
     try:
         app = create_app(load_served([str(cfg)]), Settings(check_events=True))
@@ -132,3 +150,24 @@ async def test_function_call_round_trip(tmp_path: Path) -> None:
             assert second["output"][0]["content"][0]["transcript"].strip() == (
                 "The weather: sunny.")
             assert types(evs).count("response.created") == 1
+
+
+async def test_pipeline_failure_ends_the_session_with_a_reason(tmp_path: Path) -> None:
+    """A stage that fails: an error event (server_error, no stack trace), then close 1011."""
+    websockets = pytest.importorskip("websockets")
+    async with served(tmp_path, lm="broken-test") as port, websockets.connect(
+            f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "hi"}]}}))
+        got = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            with anyio.fail_after(10):
+                while True:
+                    got.append(json.loads(await ws.recv()))
+        errors = [e for e in got if e["type"] == "error"]
+        assert errors and errors[-1]["error"]["code"] == "server_error"
+        assert "fell over" in errors[-1]["error"]["message"]
+        assert "Traceback" not in errors[-1]["error"]["message"]
+        assert closed.value.rcvd.code == 1011

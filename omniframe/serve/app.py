@@ -19,6 +19,7 @@ A missing or wrong API key is refused before the WebSocket opens (HTTP 401), as 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 from dataclasses import dataclass, field
@@ -145,19 +146,27 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
 
         checker = ContractChecker(allow_extensions=metrics)
     closing = anyio.Event()
+    forced: list[_Close] = []  # the queue was full: close without waiting for it
+    scope: list[anyio.CancelScope] = []
 
     async def send(event: dict[str, Any]) -> None:
         await out_tx.send(event)
 
     async def close(code: int, reason: str) -> None:
         closing.set()
-        await out_tx.send(_Close(code, reason))
+        try:
+            out_tx.send_nowait(_Close(code, reason))
+        except anyio.WouldBlock:  # a client that does not read: no error event reaches it
+            forced.append(_Close(code, reason))
+            if scope:
+                scope[0].cancel()
 
     bridge = RealtimeSession(served, limits, send, close, metrics_events=metrics)
     bridge.send_nowait = out_tx.send_nowait
     log.info("session started", session=bridge.id, model=served.name, client=str(ws.client))
 
     async with anyio.create_task_group() as tg:
+        scope.append(tg.cancel_scope)
 
         async def sender() -> None:
             async for item in out_rx:
@@ -203,6 +212,11 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
                     if exc.close is not None:
                         await close(exc.close, exc.code)
                         return
+                except Exception as exc:  # a bug or a pipeline that ended: say so, no trace
+                    log.exception("client event failed", session=bridge.id)
+                    await send(P.error_event(ProtocolError(
+                        "server_error", f"the server could not handle the event: "
+                        f"{type(exc).__name__}", type_="server_error"), event_id))
 
         async def lifetime() -> None:
             await anyio.sleep(limits.max_session_s)
@@ -223,6 +237,9 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
                 await anyio.sleep_forever()
         tg.cancel_scope.cancel()
     bridge.stop()
+    if forced:
+        with contextlib.suppress(Exception):
+            await ws.close(forced[0].code, forced[0].reason)
     log.info("session ended", session=bridge.id)
 
 

@@ -323,8 +323,10 @@ class RealtimeSession:
             return
         except Exception as exc:
             log.error("session pipeline failed", session=self.id, error=str(exc)[:500])
-            await self.send(P.error_event(ProtocolError(
-                "server_error", f"the pipeline failed: {str(exc)[:500]}", type_="server_error")))
+            with anyio.move_on_after(2):  # a client that does not read gets only the close
+                await self.send(P.error_event(ProtocolError(
+                    "server_error", f"the pipeline failed: {str(exc)[:300]}",
+                    type_="server_error")))
             await self.close(1011, "pipeline failed")
 
     def stop(self) -> None:
@@ -366,8 +368,11 @@ class RealtimeSession:
     async def handle(self, event: dict[str, Any]) -> None:
         """One parsed client event (raises :class:`ProtocolError` for a bad one)."""
         kind = event["type"]
-        with anyio.fail_after(600):
+        with anyio.move_on_after(900):
             await self.ready.wait()  # the stages are set up (models loaded)
+        if not self.ready.is_set():
+            raise ProtocolError("server_not_ready", "the pipeline did not start in 900 s",
+                                type_="server_error", close=1011)
         handler = getattr(self, "_on_" + kind.replace(".", "_"))
         await handler(event)
 
