@@ -399,6 +399,36 @@ async def test_no_turn_detection_commit_and_clear(server: Server) -> None:
         assert types(evs).count("response.created") == 1
 
 
+async def test_answers_wait_for_response_create(server: Server) -> None:
+    """A user text item, and a VAD turn with create_response false, are not answered until
+    response.create (the pipeline's answer is held, then released in order)."""
+    x = speech_like([("speech", 0.8), ("silence", 0.8)], sample_rate=24000)
+    async with sdk_client(server) as c:
+        await c.say("not yet")
+        await anyio.sleep(0.6)  # the echo answer (4 words, 50 ms each) is made meanwhile
+        await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"turn_detection": {"type": "server_vad", "create_response": False}}}}})
+        evs = await c.until("session.updated")
+        assert not any(e["type"].startswith("response.") for e in evs)
+        await c.send({"type": "response.create"})
+        evs = await c.until("response.done")
+        assert evs[0]["type"] == "response.created"
+        assert evs[-1]["response"]["output"][0]["content"][0]["transcript"] == (
+            "You said: not yet")
+        await c.append(x)
+        evs = await c.until("conversation.item.done")
+        assert "input_audio_buffer.committed" in types(evs)
+        await anyio.sleep(0.8)
+        await c.send({"type": "input_audio_buffer.clear"})
+        evs = await c.until("input_audio_buffer.cleared")
+        assert not any(e["type"].startswith("response.") for e in evs)
+        await c.send({"type": "response.create"})
+        evs = await c.until("response.done")
+        transcript = evs[-1]["response"]["output"][0]["content"][0]["transcript"]
+        assert transcript.startswith("I heard")
+        assert pcm_samples(evs, evs[-1]["response"]["id"]) == echo_samples(transcript)
+
+
 async def test_beta_shaped_session_update_is_accepted(server: Server) -> None:
     """Lenient in: a beta-shaped session.update (flat fields, pcm16) is understood, and the
     answer is reported in the GA shape."""

@@ -66,6 +66,11 @@ __all__ = ["Limits", "LiveSource", "RealtimeSession", "RealtimeSink", "ServedMod
 
 log = structlog.get_logger("omniframe.serve")
 
+MAX_HELD_FRAMES = 20_000
+"""Frames of one answer that may wait for ``response.create``."""
+_ANSWER_FRAMES = (TextDeltaFrame, OutputAudioFrame, ToolCallFrame, ToolResultFrame,
+                  EndOfTurnFrame)
+
 DELTA_SAMPLES = 2400
 """Output audio per ``response.output_audio.delta``: 100 ms at 24 kHz (clients' default
 message cap is 1 MiB)."""
@@ -276,7 +281,10 @@ class RealtimeSession:
         self.responses: dict[int, _Response] = {}  # active, by turn
         self.cancelled_turns: set[int] = set()
         self.response_opts: dict[int, dict[str, Any]] = {}
-        self.adoptable: list[int] = []  # turns the pipeline answers without response.create
+        # answers the pipeline makes by itself (to a user text item, a commit without server
+        # VAD, a tool output, a VAD turn with create_response false) wait here, by turn,
+        # until response.create releases them: the protocol's items do not answer themselves
+        self.held: dict[int, list[Frame]] = {}
         self.user_items: dict[int, str] = {}  # VAD turn -> its user item id
         self.spoken: dict[int, tuple[str, float]] = {}  # turn -> (user audio item, seconds)
         self.speech_start: dict[int, float] = {}
@@ -482,7 +490,7 @@ class RealtimeSession:
                                      item=item.item))
         await self.send(server_event("conversation.item.done", previous_item_id=prev,
                                      item=item.item))
-        self.adoptable.append(turn)
+        self._hold(turn)
         self._spoken(turn, item.id, len(y) / self.rate)
         await self.pipeline.push(UserTurnFrame(turn=turn, samples=y, sample_rate=self.rate,
                                                end_pts=len(y) / self.rate,
@@ -512,10 +520,13 @@ class RealtimeSession:
                                         "(input_text parts)", param="item.content")
                 it = _Item(item_id, "user_text", 0, P.user_text_item(item_id, text))
                 self._check_room()  # the limit before the pipeline moves
-                turn = await self.pipeline.say(text)
+                expected = self.session.turn + 1
+                self._hold(expected)  # before the answer can reach the sink
+                turn = await self.pipeline.say(text)  # takes the next turn before any await
+                if turn != expected:  # pragma: no cover - the turn counter is ours alone
+                    self.held[turn] = self.held.pop(expected)
                 it.turn = turn
                 await self._item_added_done(it)
-                self.adoptable.append(turn)
                 return
             if role in ("system", "assistant"):
                 self.session.add(role, text, self.session.turn)
@@ -535,7 +546,7 @@ class RealtimeSession:
             it = _Item(item_id, "function_call_output", turn,
                        P.function_output_item(item_id, call_id, output))
             await self._item_added_done(it)
-            self.adoptable.append(turn)
+            self._hold(turn)
             await self.pipeline.push(ToolResultFrame(call_id=call_id, output=output, turn=turn))
             return
         raise ProtocolError("invalid_value", f"items of type {kind!r} cannot be created here",
@@ -585,14 +596,12 @@ class RealtimeSession:
             opts["audio"] = "audio" in mods
         if isinstance(resp.get("metadata"), dict):
             opts["metadata"] = {str(k): str(v) for k, v in resp["metadata"].items()}
-        if self.adoptable:  # the answer to the item just created is on its way
-            turn = self.adoptable.pop(0)
-            if turn not in self.responses and turn not in self.cancelled_turns:
-                self.response_opts[turn] = opts
-            return
         if self.responses:
             raise ProtocolError("conversation_already_has_active_response",
                                 "a response is in progress; cancel it first")
+        if self.held:  # the answer to the item created last is on its way, or made
+            await self._release(next(iter(self.held)), opts)
+            return
         if not self.can_respond:
             raise ProtocolError("response_create_unsupported", f"the pipeline "
                                 f"{self.served.name!r} answers only new input (speech or "
@@ -605,11 +614,23 @@ class RealtimeSession:
             turn=turn, instructions=instructions if isinstance(instructions, str) else None))
 
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
-        if not self.responses and not self.adoptable:
+        if not self.responses:
             raise ProtocolError("response_cancel_not_active", "no response is in progress")
         self._cancel_requested = True
-        turn = await self.pipeline.interrupt()
-        self.adoptable = [t for t in self.adoptable if t > turn]
+        await self.pipeline.interrupt()
+
+    def _hold(self, turn: int) -> None:
+        self.held.setdefault(turn, [])
+
+    async def _release(self, turn: int, opts: dict[str, Any]) -> None:
+        """response.create for a held answer: the response starts, what the pipeline made
+        of it so far follows in order, and the rest flows as it comes."""
+        frames = self.held[turn]
+        self.response_opts[turn] = opts
+        await self._open_response(turn)
+        while frames:  # the sink appends to this list meanwhile: order is kept
+            await self._handle_frame(frames.pop(0))
+        del self.held[turn]
 
     # ------------------------------------------------------------------ frames in
 
@@ -622,6 +643,16 @@ class RealtimeSession:
                 await self.close(exc.close, exc.code)
 
     async def _on_frame(self, frame: Frame) -> None:
+        held = self.held.get(frame.turn)
+        if held is not None and isinstance(frame, _ANSWER_FRAMES):
+            if len(held) >= MAX_HELD_FRAMES:
+                raise ProtocolError("held_response_too_large", "an answer waiting for "
+                                    "response.create grew too large", close=1008)
+            held.append(frame)
+            return
+        await self._handle_frame(frame)
+
+    async def _handle_frame(self, frame: Frame) -> None:
         if isinstance(frame, SpeechStartFrame):
             item_id = P.new_id("item")
             self.user_items[frame.turn] = item_id
@@ -638,6 +669,9 @@ class RealtimeSession:
             if not self.server_vad:
                 return
             self._spoken(frame.turn, item_id, frame.pts - start)
+            assert self.config.turn_detection is not None
+            if not self.config.turn_detection.get("create_response", True):
+                self._hold(frame.turn)
             await self.send(server_event("input_audio_buffer.speech_stopped",
                                          audio_end_ms=int(frame.pts * 1000), item_id=item_id))
             it = _Item(item_id, "user_audio", frame.turn, P.user_audio_item(item_id))
@@ -694,6 +728,8 @@ class RealtimeSession:
     async def on_interrupt(self, frame: InterruptFrame) -> None:
         reason = "client_cancelled" if self._cancel_requested else "turn_detected"
         self._cancel_requested = False
+        for turn in [t for t in self.held if t < frame.turn]:
+            del self.held[turn]  # never released: nothing of it was sent
         for turn, r in list(self.responses.items()):
             if turn < frame.turn:
                 await self._close_response(r, "cancelled", reason)
