@@ -18,12 +18,20 @@ client event                    pipeline
                                 pushed to the stage after the VAD
 ``conversation.item.create``    user text: ``Pipeline.say``; ``function_call_output``: a
                                 ``ToolResultFrame`` pushed in
-``response.create``             ``Pipeline.respond(instructions)``; right after an item
-                                that the pipeline answers by itself (user text, a commit
-                                without server VAD, a tool output) it adopts that answer
+``response.create``             releases the oldest answer the pipeline made by itself and
+                                the server held (to a user text item, a commit without
+                                server VAD, a tool output, a VAD turn with
+                                ``create_response: false``); else
+                                ``Pipeline.respond(instructions)``
 ``response.cancel``             ``Pipeline.interrupt``
 ``conversation.item.truncate``  ``Pipeline.truncate`` (this sink cuts the history's text)
 ==============================  ==========================================================
+
+Deviations, by design of the pipeline model: an item's answer is computed as soon as the item
+exists (it is only *sent* on ``response.create``), so a held answer ignores that
+``response.create``'s own instructions; client-declared ``tools`` are reported but the
+pipeline calls only the tools its config lists; ``conversation.item.delete`` forgets the item
+for the protocol, not the pipeline's history.
 """
 
 from __future__ import annotations
