@@ -579,13 +579,15 @@ def _good_stream() -> list[dict]:
     ids = {"response_id": "r1", "item_id": "i1", "output_index": 0, "content_index": 0}
     item = {"id": "i1", "type": "message", "role": "assistant", "content": []}
     return [
-        ev("response.created", response={"id": "r1", "status": "in_progress", "output": []}),
+        ev("response.created", response={"id": "r1", "status": "in_progress", "output": [],
+                                         "status_details": None}),
         ev("response.output_item.added", response_id="r1", output_index=0, item=item),
         ev("response.content_part.added", part={"type": "audio", "transcript": ""}, **ids),
         ev("response.output_audio.delta", delta=base64.b64encode(b"\0\0").decode(), **ids),
         ev("response.output_audio_transcript.delta", delta="hi", **ids),
         ev("response.output_audio.done", **ids),
-        ev("response.done", response={"id": "r1", "status": "completed", "output": []}),
+        ev("response.done", response={"id": "r1", "status": "completed", "output": [],
+                                      "status_details": {"type": "completed"}}),
     ]
 
 
@@ -595,7 +597,8 @@ def test_contract_checker_accepts_a_good_stream() -> None:
 
 @pytest.mark.parametrize("breakage", [
     "delta_before_item", "missing_field", "beta_name", "item_created", "odd_audio",
-    "after_done", "extra_field", "wrong_type", "repeated_id"])
+    "after_done", "extra_field", "wrong_type", "repeated_id", "webrtc_only",
+    "no_status_details"])
 def test_contract_checker_catches_a_broken_stream(breakage: str) -> None:
     """The negative test: each way of breaking the stream is caught."""
     s = _good_stream()
@@ -618,6 +621,11 @@ def test_contract_checker_catches_a_broken_stream(breakage: str) -> None:
         s[3]["output_index"] = "zero"
     elif breakage == "repeated_id":
         s[4]["event_id"] = s[3]["event_id"]
+    elif breakage == "webrtc_only":  # a valid SDK type, but not for a WebSocket client
+        s.insert(1, {"type": "output_audio_buffer.started", "event_id": "x",
+                     "response_id": "r1"})
+    elif breakage == "no_status_details":
+        del s[0]["response"]["status_details"]
     with pytest.raises(ContractViolation):
         ContractChecker().check_all(s)
 

@@ -789,7 +789,8 @@ class RealtimeSession:
                        reason: str | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {
             "id": r.id, "object": "realtime.response", "status": status,
-            "output": list(r.output), "output_modalities": ["audio" if r.audio else "text"],
+            "status_details": None, "output": list(r.output),
+            "output_modalities": ["audio" if r.audio else "text"],
             "conversation_id": self.id,
             "audio": {"output": {"format": {"type": "audio/pcm", "rate": P.OUTPUT_RATE},
                                  "voice": self.config.voice}},

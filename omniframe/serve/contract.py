@@ -19,6 +19,25 @@ __all__ = ["ContractChecker", "ContractViolation"]
 
 # in the SDK's union for old clients, but GA servers emit added + done (Pipecat refuses it)
 FORBIDDEN = frozenset({"conversation.item.created"})
+# What Pipecat's OpenAIRealtimeLLMService parses (pipecat-ai/pipecat:
+# src/pipecat/services/openai/realtime/events.py, _server_event_types); older versions end
+# their receive loop on any other type, and on a listed type that fails their model
+PIPECAT_SERVER_EVENTS = frozenset({
+    "error", "session.created", "session.updated", "conversation.created",
+    "input_audio_buffer.committed", "input_audio_buffer.cleared",
+    "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+    "conversation.item.added", "conversation.item.done",
+    "conversation.item.input_audio_transcription.delta",
+    "conversation.item.input_audio_transcription.completed",
+    "conversation.item.input_audio_transcription.failed", "conversation.item.truncated",
+    "conversation.item.deleted", "conversation.item.retrieved", "response.created",
+    "response.done", "response.output_item.added", "response.output_item.done",
+    "response.content_part.added", "response.content_part.done",
+    "response.output_text.delta", "response.output_text.done",
+    "response.output_audio_transcript.delta", "response.output_audio_transcript.done",
+    "response.output_audio.delta", "response.output_audio.done",
+    "response.function_call_arguments.delta", "response.function_call_arguments.done",
+    "rate_limits.updated"})
 _PART_DELTAS = frozenset({
     "response.output_audio.delta", "response.output_audio_transcript.delta",
     "response.output_text.delta", "response.output_audio.done",
@@ -75,6 +94,8 @@ class ContractChecker:
         model = self._models.get(kind)  # type: ignore[arg-type]
         if model is None:
             raise ContractViolation(f"unknown server event type {kind!r}")
+        if kind not in PIPECAT_SERVER_EVENTS:
+            raise ContractViolation(f"{kind!r} is not among the types Pipecat parses")
         try:
             self._adapter.validate_python(event)
         except ValidationError as exc:
@@ -92,6 +113,9 @@ class ContractChecker:
 
     def _lifecycle(self, kind: str, e: dict[str, Any]) -> None:
         rid = e.get("response_id")
+        if kind in ("response.created", "response.done") and "status_details" not in e[
+                "response"]:  # Pipecat's Response model requires it (None is fine)
+            raise ContractViolation(f"{kind}: the response has no status_details")
         if kind == "response.created":
             rid = e["response"]["id"]
             if rid in self.open or rid in self.done:
