@@ -672,3 +672,36 @@ def test_audio_helpers_round_trip() -> None:
     x = np.sin(np.linspace(0, 20, 2400)).astype(np.float32) * 0.5
     y = decode_audio(encode_audio(x), 1 << 20)
     assert np.max(np.abs(x - y)) < 1e-4
+
+
+async def test_input_is_resampled_to_the_pipeline_rate() -> None:
+    """24 kHz PCM16 in, the pipeline's 16 kHz out of the live source: same length (2/3 of
+    the samples), the tone at the same frequency, no clicks at the 20 ms append edges."""
+    from omniframe.serve.bridge import Limits, RealtimeSession, load_served
+
+    served = load_served([str(ROOT / "configs" / "serve_echo.yaml")])["echo"]
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    bridge = RealtimeSession(served, Limits(), nothing, nothing)
+    bridge.ready.set()  # the pipeline is not run: the source's queue is read directly
+    t = np.arange(24000) / 24000
+    x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for i in range(0, len(x), 480):  # 20 ms appends
+        await bridge.handle({"type": "input_audio_buffer.append",
+                             "audio": encode_audio(x[i:i + 480])})
+    rx = bridge.pipeline.stages[0].rx
+    got = []
+    while True:
+        try:
+            got.append(rx.receive_nowait())
+        except anyio.WouldBlock:
+            break
+    y = np.concatenate(got)
+    assert abs(len(y) - 16000) <= 20  # the resampler holds back < 1 ms of look-ahead
+    spectrum = np.abs(np.fft.rfft(y[1000:15000] * np.hanning(14000)))
+    peak_hz = np.argmax(spectrum) * 16000 / 14000
+    assert abs(peak_hz - 440) < 2
+    ref = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(y)) / 16000)
+    assert np.max(np.abs(y[200:-200] - ref[200:-200])) < 0.01
