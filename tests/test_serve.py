@@ -300,6 +300,10 @@ async def test_barge_in_cancels_the_answer(server: Server) -> None:
         rid = (await c.until("response.output_audio.delta"))[-1]["response_id"]
         await c.append(x)
         evs = await c.until("response.done")
+        t = types(evs)  # speech_started first, then the answer's closing events
+        start = t.index("input_audio_buffer.speech_started")
+        assert start < t.index("response.output_audio.done")
+        assert not any(e["type"].endswith(".delta") for e in evs[start:])
         done = evs[-1]["response"]
         assert done["id"] == rid and done["status"] == "cancelled"
         assert done["status_details"]["reason"] == "turn_detected"

@@ -293,6 +293,7 @@ class RealtimeSession:
         # VAD, a tool output, a VAD turn with create_response false) wait here, by turn,
         # until response.create releases them: the protocol's items do not answer themselves
         self.held: dict[int, list[Frame]] = {}
+        self.barge: dict[int, list[_Response]] = {}  # new turn -> answers it interrupts
         self.user_items: dict[int, str] = {}  # VAD turn -> its user item id
         self.spoken: dict[int, tuple[str, float]] = {}  # turn -> (user audio item, seconds)
         self.speech_start: dict[int, float] = {}
@@ -658,6 +659,12 @@ class RealtimeSession:
                                     "response.create grew too large", close=1008)
             held.append(frame)
             return
+        if self.barge:
+            if isinstance(frame, SpeechStartFrame) and frame.turn in self.barge:
+                await self._handle_frame(frame)  # speech_started, then the cancellation
+                await self._flush_barge(frame.turn)
+                return
+            await self._flush_barge(frame.turn)  # no speech start came: close them anyway
         await self._handle_frame(frame)
 
     async def _handle_frame(self, frame: Frame) -> None:
@@ -738,9 +745,23 @@ class RealtimeSession:
         self._cancel_requested = False
         for turn in [t for t in self.held if t < frame.turn]:
             del self.held[turn]  # never released: nothing of it was sent
-        for turn, r in list(self.responses.items()):
-            if turn < frame.turn:
-                await self._close_response(r, "cancelled", reason)
+        older = [r for turn, r in self.responses.items() if turn < frame.turn]
+        if reason == "turn_detected" and self.server_vad and older:
+            # barge-in: the VAD's speech start follows on the data lane; clients expect
+            # speech_started first, then the cancelled response.done (none of the answer
+            # is sent in between: its turn counts as cancelled from now on)
+            for r in older:
+                self.responses.pop(r.turn, None)
+                self.cancelled_turns.add(r.turn)
+            self.barge.setdefault(frame.turn, []).extend(older)
+            return
+        for r in older:
+            await self._close_response(r, "cancelled", reason)
+
+    async def _flush_barge(self, upto: int) -> None:
+        for turn in [t for t in self.barge if t <= upto]:
+            for r in self.barge.pop(turn):
+                await self._close_response(r, "cancelled", "turn_detected")
 
     def on_metrics(self, frame: MetricsFrame) -> None:
         if not self.metrics_events:
