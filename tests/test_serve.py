@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,7 +46,8 @@ class Server:
                "--check-events", *args]
         if key is not None:
             cmd += ["--api-key", key]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        env = {k: v for k, v in os.environ.items() if k != "OMNIFRAME_API_KEY"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
         self.port = 0
