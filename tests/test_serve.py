@@ -574,6 +574,23 @@ async def test_sessions_are_isolated(server: Server) -> None:
                        "gamma delta": "You said: gamma delta"}
 
 
+async def test_metrics_extension_only_when_asked(server: Server) -> None:
+    """?omniframe_metrics=1 adds an omniframe.metrics event per turn (the pipeline's
+    MetricsFrame); without it no extension event is sent (the other tests' checkers would
+    refuse its type)."""
+    url = server.url + "?model=echo&omniframe_metrics=1"
+    async with websockets.connect(url, additional_headers={
+            "Authorization": f"Bearer {KEY}"}) as ws:
+        c = Client(lambda e: ws.send(json.dumps(e)), ws.recv)
+        c.checker = ContractChecker(allow_extensions=True)
+        await c.recv()
+        await c.say("metrics please")
+        await c.send({"type": "response.create"})
+        m = (await c.until("omniframe.metrics"))[-1]
+    assert m["end_reason"] == "completed" and m["turn"] >= 1
+    assert m["audio_out_s"] > 0, m
+
+
 # ------------------------------------------------------------------ contract checker
 
 

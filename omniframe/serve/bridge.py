@@ -210,7 +210,7 @@ class RealtimeSink(Stage):
 
     kind = "sink"
     name = "realtime"
-    forward_consumed = False
+    forward_consumed = True  # frames leave the pipeline: each turn's MetricsFrame is made
     consumes = (OutputAudioFrame, TextDeltaFrame, EndOfTurnFrame, ToolCallFrame,
                 ToolResultFrame, SpeechStartFrame, SpeechEndFrame, TruncateFrame, ErrorFrame)
     requires = ()
