@@ -751,6 +751,21 @@ def _first_stage_error(group: BaseExceptionGroup) -> BaseException:
     return group
 
 
+def config_toolbox(cfg: PipelineConfig, source: str | None = None) -> Any:
+    """The :class:`~omniframe.tools.Toolbox` of the tools a config lists (None: it lists
+    none); a tool that is not registered or is declared wrong is a ConfigError."""
+    if not cfg.tools:
+        return None
+    from omniframe.config import ConfigError
+    from omniframe.plugins import get_registry
+    from omniframe.tools import build_toolbox
+
+    try:
+        return build_toolbox(cfg.tools, get_registry().tools)
+    except ValueError as exc:
+        raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], source) from None
+
+
 def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: Any = None,
                    observers: list[Any] | None = None, collect: bool = True,
                    resources: Any = None, on_hang: Callable[[str], None] | None = None
@@ -767,15 +782,7 @@ def build_pipeline(cfg: PipelineConfig, *, source: str | None = None, session: A
 
     resolved = resolve_stages(cfg, source)
     observers = [*(observers or []), *build_observers(cfg, source)]
-    toolbox = None
-    if cfg.tools:
-        from omniframe.plugins import get_registry
-        from omniframe.tools import build_toolbox
-
-        try:
-            toolbox = build_toolbox(cfg.tools, get_registry().tools)
-        except ValueError as exc:
-            raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], source) from None
+    toolbox = config_toolbox(cfg, source)
     session = session or Session()
     resources = resources if resources is not None else default_resources()
     stages = []

@@ -140,21 +140,13 @@ def assemble(served: ServedModel) -> Any:
     The config's observers are left out (they would write one file from every session)."""
     from omniframe.chain import IncompatibleStages
     from omniframe.config import ConfigError, resolve_stages
-    from omniframe.pipeline import Pipeline, PipelineError
+    from omniframe.pipeline import Pipeline, PipelineError, config_toolbox
     from omniframe.resources import default_resources
     from omniframe.session import Session
 
     cfg, label = served.cfg, served.label
     resolved = resolve_stages(cfg, label)
-    toolbox = None
-    if cfg.tools:
-        from omniframe.plugins import get_registry
-        from omniframe.tools import build_toolbox
-
-        try:
-            toolbox = build_toolbox(cfg.tools, get_registry().tools)
-        except ValueError as exc:
-            raise ConfigError([(f"tools[{i}]", m) for i, m in exc.args[0]], label) from None
+    toolbox = config_toolbox(cfg, label)
     session = Session()
     resources = default_resources()
 
