@@ -431,9 +431,8 @@ class MiniOmniLM(Stage):
                     sampling=sampling, seed=o.seed, max_steps=o.max_new_tokens,
                     faithful=o.faithful, trace=self._tracer(turn), **kwargs))
             except ValueError as exc:  # e.g. a text prompt longer than the 2048 positions
-                self._active = None
-                yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}")
-                yield EndOfTurnFrame(reason="error", text="")
+                for out in self._refused(exc):
+                    yield out
                 return
             t0 = time.perf_counter()
             steps = 0
@@ -444,26 +443,12 @@ class MiniOmniLM(Stage):
                 steps += 1
                 if step.text == EOT and model is not self.lm.model:
                     model.text_ended()  # the text head is no longer needed (fastpath.py)
-                delta = text.push(step.text)
-                if delta:
-                    yield TextDeltaFrame(text=delta)
-                if step.frame is not None:
-                    yield AudioCodesFrame(codes=tuple(step.frame), codec="snac_24khz",
-                                          index=step.frame_index)
-                    if step.frame_index == 0:
-                        await _let_downstream_submit()
-            tail = text.flush()
-            if tail:
-                yield TextDeltaFrame(text=tail)
-            self._active = None
-            reason = stream.stop_reason
-            elapsed = time.perf_counter() - t0
-            self.log.info("answer done", turn=turn, steps=steps, stop=reason,
-                          steps_per_s=round(steps / elapsed, 2) if elapsed > 0 else None)
-            if self.options.output == "answer":
-                self.context.session.add("assistant", text.text, turn)
-            yield EndOfTurnFrame(
-                reason="completed" if reason in ("eoa", "eot") else "max_tokens", text=text.text)
+                for out in self._frames_of(step, text):
+                    yield out
+                if step.frame is not None and step.frame_index == 0:
+                    await _let_downstream_submit()
+            for out in self._finish(turn, text, steps, t0, stream.stop_reason):
+                yield out
         finally:
             # the model is released only after the stream is closed, on the compute thread
             # that ran its steps (so after any step still in flight), whatever ended the turn
@@ -497,32 +482,53 @@ class MiniOmniLM(Stage):
                 except ValueError as exc:  # the prefill refused it (e.g. a too long prompt)
                     if steps:
                         raise
-                    self._active = None
-                    yield ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}")
-                    yield EndOfTurnFrame(reason="error", text="")
+                    for out in self._refused(exc):
+                        yield out
                     return
                 steps += 1
-                delta = text.push(step.text)
-                if delta:
-                    yield TextDeltaFrame(text=delta)
-                if step.frame is not None:
-                    yield AudioCodesFrame(codes=tuple(step.frame), codec="snac_24khz",
-                                          index=step.frame_index)
-                    if step.frame_index == 0:
-                        await _let_downstream_submit()
-                        answer.resume()  # the engine held its next step for the codec
+                for out in self._frames_of(step, text):
+                    yield out
+                if step.frame is not None and step.frame_index == 0:
+                    await _let_downstream_submit()
+                    answer.resume()  # the engine held its next step for the codec
             reason = answer.info
+        for out in self._finish(turn, text, steps, t0, reason, engine=True):
+            yield out
+
+    @staticmethod
+    def _frames_of(step: Any, text: Any) -> list[Frame]:
+        """What one decode step says: its new text, then its SNAC frame (if one is whole)."""
+        out: list[Frame] = []
+        delta = text.push(step.text)
+        if delta:
+            out.append(TextDeltaFrame(text=delta))
+        if step.frame is not None:
+            out.append(AudioCodesFrame(codes=tuple(step.frame), codec="snac_24khz",
+                                       index=step.frame_index))
+        return out
+
+    def _refused(self, exc: Exception) -> list[Frame]:
+        """A turn the model cannot take (its prompt does not fit): said, and ended."""
+        self._active = None
+        return [ErrorFrame(stage=self.context.name, message=f"cannot answer: {exc}"),
+                EndOfTurnFrame(reason="error", text="")]
+
+    def _finish(self, turn: int, text: Any, steps: int, t0: float, reason: Any,
+                **log: Any) -> list[Frame]:
+        """The end of an answer: the text still buffered, the history, the end of turn."""
+        out: list[Frame] = []
         tail = text.flush()
         if tail:
-            yield TextDeltaFrame(text=tail)
+            out.append(TextDeltaFrame(text=tail))
         self._active = None
         elapsed = time.perf_counter() - t0
-        self.log.info("answer done", turn=turn, steps=steps, stop=reason, engine=True,
+        self.log.info("answer done", turn=turn, steps=steps, stop=reason, **log,
                       steps_per_s=round(steps / elapsed, 2) if elapsed > 0 else None)
-        if o.output == "answer":
+        if self.options.output == "answer":
             self.context.session.add("assistant", text.text, turn)
-        yield EndOfTurnFrame(
-            reason="completed" if reason in ("eoa", "eot") else "max_tokens", text=text.text)
+        out.append(EndOfTurnFrame(
+            reason="completed" if reason in ("eoa", "eot") else "max_tokens", text=text.text))
+        return out
 
     def _tracer(self, turn: int) -> Callable[[dict[str, Any]], None] | None:
         f = self._trace_file
