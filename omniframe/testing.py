@@ -26,9 +26,13 @@ transcript on its way in, and the stage would drop the transcript unanswered: no
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +55,7 @@ __all__ = [
     "WaitTimeout",
     "audio_frames",
     "espeak",
+    "interrupt_when",
     "make_stage",
     "run_frames",
     "run_stage",
@@ -408,3 +413,58 @@ def espeak(text: str, voice: str = "en-us", rate: int = 160, sample_rate: int = 
 
         data = resample(data, sr, sample_rate)
     return np.ascontiguousarray(data, dtype=np.float32)
+
+
+@dataclass
+class Interrupted:
+    """What :func:`interrupt_when` saw: the exit status, the seconds from the signal to the
+    exit, and everything the process printed (stdout and stderr together)."""
+
+    code: int
+    elapsed: float
+    output: str
+
+
+def interrupt_when(cmd: Sequence[str], ready: str | Callable[[str], bool], *,
+                   delay: float = 0.0, sig: int = signal.SIGINT, cwd: str | Path | None = None,
+                   env: dict[str, str] | None = None, ready_timeout: float = 120.0,
+                   exit_timeout: float = 30.0) -> Interrupted:
+    """Start ``cmd``, send ``sig`` (Ctrl-C) ``delay`` seconds after its output shows
+    ``ready`` (a substring, or a predicate on all the output so far), and time its exit.
+    Fails (AssertionError, with the output) if it never gets ready or ends before the signal;
+    the process is killed whatever happens."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=cwd, env=env)
+    assert proc.stdout is not None
+    chunks: list[str] = []
+    seen = threading.Event()
+    is_ready = ready if callable(ready) else (lambda out: ready in out)
+
+    def read() -> None:  # raw reads: a marker need not end a line ("agent: ..." streams)
+        fd = proc.stdout.fileno()  # type: ignore[union-attr]
+        while data := os.read(fd, 4096):
+            chunks.append(data.decode(errors="replace"))
+            if not seen.is_set() and is_ready("".join(chunks)):
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not seen.wait(0.1):
+            if is_ready("".join(chunks)):  # a predicate on the world, not the output
+                break
+            assert proc.poll() is None, f"ended before it was ready:\n{''.join(chunks)[-3000:]}"
+            assert time.monotonic() < deadline, f"never ready:\n{''.join(chunks)[-3000:]}"
+        time.sleep(delay)
+        assert proc.poll() is None, f"ended before the signal:\n{''.join(chunks)[-3000:]}"
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(exit_timeout)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    reader.join(5)
+    return Interrupted(code, elapsed, "".join(chunks))

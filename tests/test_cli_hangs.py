@@ -6,7 +6,6 @@ misbehaviour) and runs the CLI on the torch-free demo pipeline with it in place 
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from omniframe.testing import interrupt_when
 
 SCRIPT = textwrap.dedent('''
     import sys, time
@@ -89,23 +90,16 @@ def _wait_ready(proc: subprocess.Popen[str], lines: list[str]) -> None:
 
 @pytest.mark.parametrize("how", ["sleep", "sleep-in-setup", "await", "thread"])
 def test_first_ctrl_c_ends_the_run_within_2_s_whatever_the_stage_does(tmp_path, how):
-    proc = _start(tmp_path, how)
-    lines: list[str] = []
-    try:
-        _wait_ready(proc, lines)
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(10)
-        elapsed = time.monotonic() - t0
-    finally:
-        proc.kill()
-        proc.wait()
-    time.sleep(0.1)
-    out = "".join(lines)
-    assert code == 130, out
-    assert elapsed < 2.0, out
-    assert "interrupted" in out and "Traceback" not in out
+    script = tmp_path / "run_trouble.py"
+    script.write_text(SCRIPT)
+    got = interrupt_when(
+        [sys.executable, str(script), "run", "--set", "pipeline[2].plugin=trouble",
+         "--set", f"pipeline[2].options.how={how}",
+         "--set", f"pipeline[4].options.path={tmp_path / 'out.wav'}"],
+        "READY", delay=0.3, cwd=tmp_path, ready_timeout=60, exit_timeout=10)
+    assert got.code == 130, got.output
+    assert got.elapsed < 2.0, got.output
+    assert "interrupted" in got.output and "Traceback" not in got.output
 
 
 @pytest.mark.parametrize(("how", "phase", "what"), [

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from omniframe.testing import interrupt_when
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("transformers")
@@ -76,36 +75,11 @@ def cache(tmp_path_factory, question) -> Path:
 def _interrupt_at(marker: str, delay: float, question: Path, out: Path,
                   cache: Path) -> tuple[int, float, str]:
     env = {**os.environ, "OMNIFRAME_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+    got = interrupt_when(
         [sys.executable, "-m", "omniframe", "-v", "--log-json", "run", str(CONFIG),
          "--input", str(question), "--output", str(out), "--realtime"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    lines: list[str] = []
-    seen = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if marker in line:
-                seen.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert seen.wait(120), f"never saw {marker!r}:\n{''.join(lines)[-3000:]}"
-        time.sleep(delay)
-        assert proc.poll() is None, "the run ended before the interrupt"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=30)
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(5)
-    return code, elapsed, "".join(lines)
+        marker, delay=delay, env=env, cwd=ROOT)
+    return got.code, got.elapsed, got.output
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))

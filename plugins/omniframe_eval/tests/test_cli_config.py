@@ -297,33 +297,23 @@ def test_a_hostile_pipeline_file_stops_the_eval_up_front(tiny_audio: Path, tmp_p
 def test_first_ctrl_c_ends_an_eval_within_2_s_keeping_finished_items(tmp_path: Path) -> None:
     """Issue 11: a real ``omniframe eval`` process (real time replay), SIGINT mid-run."""
     import shutil
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from omniframe.testing import interrupt_when
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")
     out = tmp_path / "run"
-    proc = subprocess.Popen(
+    records = out / "records.jsonl"
+
+    def first_item_done(_: str) -> bool:  # the second item then plays in real time
+        return records.exists() and bool(records.read_text())
+
+    got = interrupt_when(
         [sys.executable, "-m", "omniframe", "eval", str(CONFIGS / "echo.yaml"), "--out",
          str(out), "--limit", "3", "--no-progress",
-         "--set", f"dataset.options.cache_dir={tmp_path / 'qa'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "records.jsonl").exists() or not (out / "records.jsonl").read_text():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.1)  # the first item is done: the second plays in real time
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(30)
-        elapsed = time.monotonic() - t0
-    finally:
-        proc.kill()
-        proc.wait()
-    text = proc.stdout.read() if proc.stdout else ""
+         "--set", f"dataset.options.cache_dir={tmp_path / 'qa'}"], first_item_done)
+    code, elapsed, text = got.code, got.elapsed, got.output
     assert code == 130, text
     assert elapsed < 2.0
     assert "interrupted: finished items are saved" in text and "Traceback" not in text
