@@ -288,8 +288,10 @@ class MetricsCollector:
         self._stage_metrics = stage_metrics or {}
         self._busy_before: dict[str, float] = {}
         self._observers = tuple(observers)
+        # only stages that override Stage.on_metrics (the base one does nothing)
         self._on_metrics = [(n, fn) for n, s in zip(names, stages, strict=True)
-                            if callable(fn := getattr(s, "on_metrics", None))]
+                            if callable(fn := getattr(s, "on_metrics", None))
+                            and getattr(type(s), "on_metrics", None) is not _base_on_metrics()]
 
     def _turn(self, n: int) -> TurnMetrics:
         t = self.turns.get(n)
@@ -443,3 +445,9 @@ def percentile(values: list[float], q: float) -> float:
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
+
+
+def _base_on_metrics() -> Any:
+    from omniframe.stage import Stage
+
+    return Stage.on_metrics
