@@ -221,12 +221,13 @@ class MiniOmniLM(Stage):
         """Cap on decode steps per answer (one step = 85.3 ms of speech); default: up to the
         model's 2048 positions."""
         dtype: Dtype = "float32"
-        engine: bool = False
+        engine: bool = True
         """Decode through the model's shared engine (omniframe_mini_omni/engine.py): the turns
-        of every pipeline on this model decode together, one batched step for all, each with
-        the tokens of a solo run (float32). False: one turn at a time under the model's lock.
-        Not with ``faithful``. Engine steps hold the model's lock too, so stages of both
-        kinds on one model take turns (a solo turn may wait while the engine has work)."""
+        of every pipeline (session) on this model decode together, one batched step for all,
+        each with the tokens of a solo run (float32). False: one turn at a time under the
+        model's lock (the path ``faithful`` always takes). Engine steps hold that lock too, so
+        stages of both kinds on one model take turns (a solo turn waits while the engine has
+        work)."""
         faithful: bool = False
         """Compute as the reference does: all 181,120 logits at every prompt position, both
         heads for both rows, both batch rows prefilled in full, the text head kept after the

@@ -435,7 +435,8 @@ def test_onednn_switch_is_reference_counted():
 
 async def test_first_audio_chunk_is_decoded_before_the_next_lm_step(resources, monkeypatch):
     """All model calls share one compute thread; the first SNAC chunk of a turn is queued
-    before the LM's next step, so the first audio does not wait for that step."""
+    before the LM's next step, so the first audio does not wait for that step (the solo path,
+    ``engine: false``; the engine's own test is test_engine.py's)."""
     import threading
 
     import omniframe_mini_omni.lm_stage as stages_mod
@@ -455,7 +456,8 @@ async def test_first_audio_chunk_is_decoded_before_the_next_lm_step(resources, m
 
     monkeypatch.setattr(stages_mod, "_next_step", step)
     monkeypatch.setattr(ChunkedDecoder, "decode_range", decode)
-    stages = chain(resources, lm={"max_new_tokens": 12}, codec={"first_chunk_frames": 1})
+    stages = chain(resources, lm={"max_new_tokens": 12, "engine": False},
+                   codec={"first_chunk_frames": 1})
     result = await run_frames(stages, [user_turn()], timeout=120)
     assert any(isinstance(f, OutputAudioFrame) for f in result.frames)
     kinds = [k for k, _ in calls]
