@@ -27,6 +27,11 @@ How it runs::
   on the driver thread.
 * **Routing.** What a step emits for a request goes to that request's asyncio queue on the
   consumer's own event loop (sessions may run on different loops/threads).
+* **Backpressure.** A request whose consumer has not taken ``max_backlog`` of its items yet
+  (its pipeline is blocked downstream: a slow network client, a paused sink) is skipped by the
+  decode steps until the consumer catches up; the others go on. Memory per request stays
+  bounded, and a stalled session's share of each step goes to the running ones. When only
+  stalled requests are left, the loop sleeps until a consumer takes an item.
 * **Holds.** A request submitted with ``holds=True`` may have a step's result hold the loop
   (:attr:`StepResult.hold`) until its consumer calls :meth:`Request.resume`, at most
   :data:`HOLD_MAX_S`: the consumer's work on those items (Mini-Omni: the first audio chunk's
@@ -60,6 +65,10 @@ log = logging.getLogger(__name__)
 RELEASE_WAIT_S = 30.0
 """How long leaving a request waits for the engine to confirm that its slot is free."""
 
+
+MAX_BACKLOG = 64
+"""Default :attr:`Engine.max_backlog`: items a consumer may leave untaken before its request is
+paused (Mini-Omni: 64 steps = 5.5 s of speech ahead of the consumer)."""
 
 HOLD_MAX_S = 0.05
 """Longest wait of the step loop for a held request's consumer (:attr:`StepResult.hold`)."""
@@ -138,6 +147,7 @@ class Request:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._released = asyncio.Event()
+        self.backlog = 0  # items posted, not yet taken by the consumer (engine's lock)
 
     @property
     def id(self) -> int:
@@ -158,6 +168,7 @@ class Request:
         if isinstance(item, _Failure):
             self._queue.put_nowait(item)
             raise item.error
+        self._engine._taken(self)
         return item
 
     def resume(self) -> None:
@@ -178,9 +189,16 @@ class Request:
 
     # ---------------------------------------------------------------- engine side (any thread)
     def _post(self, item: Any) -> bool:
+        counted = item is not _END and not isinstance(item, _Failure)
+        if counted:
+            with self._engine._cond:
+                self.backlog += 1
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the consumer's loop is closed: the consumer is gone
+            if counted:
+                with self._engine._cond:
+                    self.backlog -= 1
             return False
         return True
 
@@ -212,15 +230,20 @@ class Engine:
         gate: a lock the driver thread holds around each step job (never the compute thread:
             a holder may need the compute thread to finish), e.g. a model lock shared with
             code that runs the model outside the engine.
+        max_backlog: untaken items after which a request is paused (backpressure); None: never.
     """
 
     def __init__(self, model: EngineModel, *, capacity: int = 8, prefill_budget: int = 512,
                  device: str = "cpu", name: str = "engine",
-                 gate: threading.Lock | None = None) -> None:
+                 gate: threading.Lock | None = None,
+                 max_backlog: int | None = MAX_BACKLOG) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if prefill_budget < 1:
             raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
+        if max_backlog is not None and max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1 or None, got {max_backlog}")
+        self.max_backlog = max_backlog
         self.model = model
         self.capacity = capacity
         self.prefill_budget = prefill_budget
@@ -304,14 +327,18 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and not self._queue and not self._active:
-                        self._cond.wait()
+                    while True:
+                        if self._closed:
+                            break
+                        prefill = self._admit()
+                        decode = [r for r in self._active.values()
+                                  if r not in prefill and not r._cancelled and not self._stalled(r)]
+                        cancelled = [r for r in self._active.values() if r._cancelled]
+                        if prefill or decode or cancelled:
+                            break
+                        self._cond.wait()  # nothing queued, or every request is stalled
                     if self._closed:
                         break
-                    prefill = self._admit()
-                    decode = [r for r in self._active.values()
-                              if r not in prefill and not r._cancelled]
-                    cancelled = [r for r in self._active.values() if r._cancelled]
                 self._run_step(prefill, decode, cancelled)
         except BaseException:  # a bug of the loop itself: fail everyone, never hang them
             log.exception("%s: step loop failed", self.name)
@@ -320,6 +347,17 @@ class Engine:
             raise
         finally:
             self._shutdown()
+
+    def _stalled(self, request: Request) -> bool:
+        """Backpressure (lock held): its consumer has too many items untaken."""
+        return self.max_backlog is not None and request.backlog >= self.max_backlog
+
+    def _taken(self, request: Request) -> None:
+        """The consumer took an item (its loop's thread)."""
+        with self._cond:
+            request.backlog -= 1
+            if self.max_backlog is not None and request.backlog == self.max_backlog - 1:
+                self._cond.notify_all()  # it was stalled: it may decode again
 
     def _admit(self) -> list[Request]:
         """FIFO admission within free slots and the prefill budget (lock held)."""

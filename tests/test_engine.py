@@ -243,3 +243,40 @@ async def test_a_held_step_waits_for_resume(fake):
         assert got == ["n:0", "n:1", "n:2"] and not req.holds
     finally:
         engine.close()
+
+
+async def test_a_stalled_consumer_pauses_only_its_request(fake):
+    """Backpressure: a request whose consumer stops taking items is paused after max_backlog
+    untaken items (bounded memory) while the others go on; it resumes when the consumer
+    catches up, with every item in order; with only stalled requests the loop sleeps."""
+    engine = Engine(fake, capacity=4, device="cpu", max_backlog=3)
+    try:
+        async with engine.submit(("slow", 20, 1)) as slow:
+            first = await slow.__anext__()  # the consumer takes one item, then stalls
+            fast = await collect(engine, ("fast", 12, 1))
+            assert fast[0] == [f"fast:{i}" for i in range(12)]
+            # while "fast" ran 12 steps, "slow" was decoded only up to its backlog
+            made = [name for _, decode in fake.steps for name in decode if name == "slow"]
+            assert len(made) <= 3, fake.steps
+            assert slow.backlog == 3
+            steps = engine.steps
+            await asyncio.sleep(0.2)
+            assert engine.steps == steps  # nothing runnable: no busy loop
+            rest = [x async for x in slow]
+        assert [first, *rest] == [f"slow:{i}" for i in range(20)]
+        assert sorted(fake.released) == [1, 2] and not fake.live
+    finally:
+        engine.close()
+
+
+async def test_backlog_option_is_checked(fake):
+    with pytest.raises(ValueError, match="max_backlog"):
+        Engine(fake, max_backlog=0)
+    engine = Engine(fake, max_backlog=None, device="cpu")  # unbounded: never paused
+    try:
+        async with engine.submit(("a", 30, 1)) as req:
+            assert await req.wait_released(5)  # ran to its end without a consumer
+            assert req.backlog == 30
+            assert [x async for x in req] == [f"a:{i}" for i in range(30)]
+    finally:
+        engine.close()
