@@ -31,8 +31,10 @@ __all__ = [
     "CommitInputFrame",
     "ControlFrame",
     "DataFrame",
+    "EndConfirmedFrame",
     "EndOfStreamFrame",
     "EndOfTurnFrame",
+    "EndRetractedFrame",
     "ErrorFrame",
     "FeaturesFrame",
     "Frame",
@@ -132,10 +134,18 @@ class SpeechEndFrame(ControlFrame):
         pts: stream position (seconds) where speech ended.
         speech_end_ts: monotonic time at which the last voiced audio arrived, i.e. the moment
             the user actually stopped; ``ts`` of this frame minus this is the VAD's wait.
+        tentative: preemptive mode (a VAD's ``tentative_ms``): sent after a short pause,
+            before the hangover ran out, with the turn's :class:`UserTurnFrame` right after it,
+            so that the stages start on the answer early. The VAD later confirms the end
+            (:class:`EndConfirmedFrame`) or retracts it (:class:`EndRetractedFrame`). Until
+            then the pipeline's last stage holds every frame of the turn (this one included);
+            on confirmation they go on, this one with ``tentative=False``: the sink sees what
+            it sees without preemption.
     """
 
     pts: float = 0.0
     speech_end_ts: float = 0.0
+    tentative: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -315,6 +325,29 @@ class InterruptFrame(SystemFrame):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EndConfirmedFrame(SystemFrame):
+    """Preemptive mode: the tentative end of ``turn`` (a ``SpeechEndFrame(tentative=True)``)
+    held: the hangover ran out without more speech. What the pipeline's last stage held for
+    the turn goes on at once. Urgent, so that it is not queued behind the answer it releases.
+    """
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndRetractedFrame(SystemFrame):
+    """Preemptive mode: the user went on speaking after the tentative end of ``turn``. Every
+    stage drops the turn's frames and cancels its work on it (:meth:`Stage.retract`); the
+    session forgets its messages; nothing of it reached the sink. The speech goes on as turn
+    ``resumed_as`` (a new number, so that its frames are not dropped), whose end comes as
+    usual.
+
+    Parameters:
+        resumed_as: the number of the turn the speech continues in.
+    """
+
+    resumed_as: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorFrame(SystemFrame):
     """A recoverable problem a stage reports without stopping the pipeline.
 
@@ -402,6 +435,8 @@ class MetricsFrame(ControlFrame):
         response_s: the VAD's decision → first answer audio out of the sink.
         first_text_s: the user stopped speaking → first answer text (any stage's).
         asr_s: the VAD's decision → the final transcript.
+        tentative_wait_s: preemptive mode: the user stopped speaking → the VAD's tentative
+            end (when the answer started); None without preemption.
         first_audio_codec_s: the user stopped speaking → first answer audio out of the
             stage that made it (the codec or TTS).
         first_audio_sink_s: the user stopped speaking → first answer audio out of the sink
@@ -422,6 +457,7 @@ class MetricsFrame(ControlFrame):
     response_s: float | None = None
     first_text_s: float | None = None
     asr_s: float | None = None
+    tentative_wait_s: float | None = None
     first_audio_codec_s: float | None = None
     first_audio_sink_s: float | None = None
     rtf: float | None = None

@@ -27,6 +27,13 @@ Where each time is stamped (all monotonic seconds):
   (``forward_consumed``, as sinks do); the last stage if none does. A real-time sink lets a
   chunk go when it starts playing, so this is when the user starts hearing the answer.
 * ``end_ts``: ``ts`` of the turn's first end of turn.
+* preemptive mode (a VAD's ``tentative_ms``): ``tentative_ts`` is when the VAD sent the
+  tentative end; ``vad_end_ts`` is then when it confirmed it (the
+  :class:`~omniframe.frames.EndConfirmedFrame`), so ``vad_wait_s`` stays the hangover and
+  ``response_s`` may be negative (the answer was ready before the confirmation). A retracted
+  turn has no figures of its own: :attr:`RunResult.retracted` lists each (its speculative
+  seconds, and the stages' busy seconds from the tentative end until the next end of the
+  speech it continued in: the compute spent on it, a bound since other work may overlap).
 
 Derived figures (seconds):
 
@@ -64,7 +71,9 @@ import structlog
 from omniframe.frames import (
     AudioCodesFrame,
     AudioFrame,
+    EndConfirmedFrame,
     EndOfTurnFrame,
+    EndRetractedFrame,
     Frame,
     InterruptFrame,
     MetricsFrame,
@@ -109,6 +118,7 @@ class TurnMetrics:
     speech_end_pts: float | None = None
     speech_end_ts: float | None = None  # user actually stopped
     vad_end_ts: float | None = None  # VAD decided
+    tentative_ts: float | None = None  # preemptive mode: the VAD's tentative end
     transcript_ts: float | None = None
     first_text_ts: float | None = None
     first_codes_ts: float | None = None
@@ -174,6 +184,7 @@ class TurnMetrics:
             "response_s": r(self.response_s),
             "first_text_s": r(self.first_text_s),
             "asr_s": r(self.asr_s),
+            "tentative_wait_s": r(self._since(self.speech_end_ts, self.tentative_ts)),
             "first_audio_codec_s": r(self.first_audio_codec_s),
             "first_audio_sink_s": r(self.first_audio_sink_s),
             "rtf": r(self.rtf),
@@ -192,6 +203,7 @@ class TurnMetrics:
             turn=self.turn, voice_to_voice_s=self.voice_to_voice_s,
             vad_wait_s=self.vad_wait_s, response_s=self.response_s,
             first_text_s=self.first_text_s, asr_s=self.asr_s,
+            tentative_wait_s=self._since(self.speech_end_ts, self.tentative_ts),
             first_audio_codec_s=self.first_audio_codec_s,
             first_audio_sink_s=self.first_audio_sink_s, rtf=self.rtf,
             audio_out_s=self.audio_out_s, audio_produced_s=self.audio_produced_s,
@@ -232,6 +244,8 @@ class RunResult:
     setup_s: float = 0.0
     input_audio_s: float = 0.0
     frames: list[Frame] | None = None
+    retracted: list[dict[str, Any]] = field(default_factory=list)
+    """Preemptive mode: each retracted tentative turn (see the module doc)."""
 
     @property
     def rtf(self) -> float | None:
@@ -250,6 +264,7 @@ class RunResult:
             "rtf": None if self.rtf is None else round(self.rtf, 4),
             "turns": [t.summary() for t in self.turns],
             "stages": {k: asdict(v) for k, v in self.stages.items()},
+            "retracted": self.retracted,
         }
 
     def to_json(self) -> str:
@@ -287,6 +302,10 @@ class MetricsCollector:
         self._sent: set[int] = set()  # turns whose MetricsFrame was sent
         self._stage_metrics = stage_metrics or {}
         self._busy_before: dict[str, float] = {}
+        self.retracted: list[dict[str, Any]] = []
+        self._speculating: dict[int, tuple[float, float]] = {}  # turn: (tentative ts, busy)
+        self._waste: dict[int, dict[str, Any]] = {}  # resumed turn: its retraction's entry
+        self._gone: set[int] = set()  # retracted turns: their late frames are ignored
         self._observers = tuple(observers)
         # only stages that override Stage.on_metrics (the base one does nothing)
         self._on_metrics = [(n, fn) for n, s in zip(names, stages, strict=True)
@@ -318,7 +337,7 @@ class MetricsCollector:
                 self.input_audio_s += frame.duration  # type: ignore[attr-defined]
             return
         n = frame.turn
-        if not n:
+        if not n or n in self._gone:
             return
         t = self._turn(n)
         if cls is TextDeltaFrame:
@@ -354,13 +373,24 @@ class MetricsCollector:
         elif cls is SpeechStartFrame:
             t.speech_start_pts = frame.pts  # type: ignore[attr-defined]
         elif cls is SpeechEndFrame:
-            if t.vad_end_ts is None:
-                t.vad_end_ts = frame.ts
+            self._speech_ended(n)
+            if frame.tentative and t.tentative_ts is None:  # type: ignore[attr-defined]
+                t.tentative_ts = frame.ts
+                self._speculating[n] = (frame.ts, self._busy())
+            if t.vad_end_ts is None and t.speech_end_ts is None:
+                if t.tentative_ts is None:
+                    t.vad_end_ts = frame.ts
                 t.speech_end_ts = frame.speech_end_ts or frame.ts  # type: ignore[attr-defined]
                 t.speech_end_pts = frame.pts  # type: ignore[attr-defined]
+        elif cls is EndConfirmedFrame:
+            if t.vad_end_ts is None:
+                t.vad_end_ts = frame.ts
+            self._speculating.pop(n, None)
+        elif cls is EndRetractedFrame:
+            self._retracted(t, frame, now)  # type: ignore[arg-type]
         elif cls is UserTurnFrame:
             t.user_audio_s = frame.duration  # type: ignore[attr-defined]
-            if t.vad_end_ts is None:
+            if t.vad_end_ts is None and t.tentative_ts is None:
                 t.vad_end_ts = frame.ts
             if t.speech_end_ts is None:
                 t.speech_end_ts = frame.speech_end_ts or frame.ts  # type: ignore[attr-defined]
@@ -389,6 +419,29 @@ class MetricsCollector:
             if stage == self._player:
                 t.audio_out_s = frame.played_s  # type: ignore[attr-defined]
                 self._played.add(n)
+
+    def _busy(self) -> float:
+        return sum(m.busy_s for m in self._stage_metrics.values())
+
+    def _retracted(self, t: TurnMetrics, frame: EndRetractedFrame, now: float) -> None:
+        """A tentative turn was dropped: its figures go; the speech goes on as another turn."""
+        self._gone.add(frame.turn)
+        if frame.turn in self._sent or self.turns.pop(frame.turn, None) is None:
+            return
+        new = self._turn(frame.resumed_as)
+        new.speech_start_pts = t.speech_start_pts
+        since, busy = self._speculating.pop(frame.turn, (t.tentative_ts or now, self._busy()))
+        entry = {"turn": frame.turn, "resumed_as": frame.resumed_as,
+                 "speculative_s": round(now - since, 4), "busy_s": None}
+        self.retracted.append(entry)
+        self._waste[frame.resumed_as] = {"entry": entry, "busy": busy}
+
+    def _speech_ended(self, n: int) -> None:
+        """The speech a retraction continued in ended: the compute the retracted turn took is
+        the stages' busy time since its tentative end (cancelled calls have returned by now)."""
+        w = self._waste.pop(n, None)
+        if w is not None:
+            w["entry"]["busy_s"] = round(self._busy() - w["busy"], 4)
 
     def _send(self, t: TurnMetrics, now: float, to_stages: bool) -> None:
         """Finish ``t``'s figures and send its MetricsFrame."""
@@ -420,7 +473,7 @@ class MetricsCollector:
         result = RunResult(
             turns=[self.turns[k] for k in sorted(self.turns)],
             stages=stages, wall_s=wall_s, setup_s=setup_s,
-            input_audio_s=self.input_audio_s, frames=frames,
+            input_audio_s=self.input_audio_s, frames=frames, retracted=self.retracted,
         )
         for obs in self._observers:
             end = getattr(obs, "on_run_end", None)

@@ -36,10 +36,12 @@ from omniframe.frames import (
     CommitInputFrame,
     DataFrame,
     EndOfStreamFrame,
+    EndRetractedFrame,
     ErrorFrame,
     Frame,
     InterruptFrame,
     RespondFrame,
+    SpeechEndFrame,
     TranscriptFrame,
     TruncateFrame,
     UpdateOptionsFrame,
@@ -179,6 +181,8 @@ class _Runner:
         self.observers = tuple(observers)
         self.metrics = metrics
         self.min_turn = 0  # data frames of turns 0 < t < min_turn are stale
+        self.retracted: set[int] = set()  # preemptive turns retracted: all their frames go
+        self.gate: Session | None = None  # the last stage holds tentative turns' frames
         self._scope: anyio.CancelScope | None = None
         self._scope_turn = 0
         self._consumed: dict[type, bool] = {}
@@ -302,6 +306,11 @@ class _Runner:
                 if 0 < turn < self.min_turn and isinstance(frame, DataFrame):
                     self.metrics.dropped += 1
                     continue
+                if turn and (self.retracted or self.gate is not None):
+                    frame = await self._settled(frame)
+                    if frame is None:
+                        self.metrics.dropped += 1
+                        continue
                 if isinstance(frame, EndOfStreamFrame):
                     await self._drive(self.stage.end_of_stream(frame), frame, "end_of_stream")
                     await self.emit(frame)
@@ -321,6 +330,23 @@ class _Runner:
                         await self.emit(frame)
                 else:
                     await self.emit(frame)
+
+    async def _settled(self, frame: Frame) -> Frame | None:
+        """Preemptive turns: None for a frame of a retracted turn; at the last stage, a frame
+        of a tentative turn waits until the VAD confirms (the frame) or retracts it (None)."""
+        turn = frame.turn
+        if turn in self.retracted:
+            return None
+        gate = self.gate
+        if gate is None:
+            return frame
+        if gate.is_tentative(turn) and not await gate.wait_settled(turn):
+            return None
+        if gate.is_retracted(turn):
+            return None
+        if frame.__class__ is SpeechEndFrame and frame.tentative:  # type: ignore[attr-defined]
+            frame = dataclasses.replace(frame, tentative=False)  # as without preemption
+        return frame
 
     async def send_upstream(self, frame: Frame) -> None:
         """Send ``frame`` to the stage before this one (the source drops what reaches it)."""
@@ -367,6 +393,14 @@ class _Runner:
                             self.metrics.interrupted += 1
                         await self.emit(frame)  # downstream stops as early as possible
                         await self._drive(self.stage.interrupt(frame), frame, "interrupt",
+                                          self.urgent_activity)
+                    elif isinstance(frame, EndRetractedFrame):
+                        self.retracted.add(frame.turn)
+                        scope = self._scope
+                        if scope is not None and self._scope_turn == frame.turn:
+                            scope.cancel()
+                        await self.emit(frame)
+                        await self._drive(self.stage.retract(frame), frame, "interrupt",
                                           self.urgent_activity)
                     elif self.consumes(frame):  # e.g. a sink that shows errors
                         await self._drive(self.stage.process(frame), frame, "process",
@@ -608,6 +642,8 @@ class Pipeline:
                                 urgent[st.context.name], self._failed)
                         for i, st in enumerate(self.stages)
                     ]
+                    if len(runners) > 1:  # the last stage holds frames of tentative turns
+                        runners[-1].gate = self.stages[-1].context.session
                     self._lanes, self._runners = lanes, runners
                     try:
                         async with anyio.create_task_group() as tg:

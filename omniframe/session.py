@@ -80,6 +80,8 @@ class Session:
     messages: list[Message] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _turn: int = field(default=0, repr=False)
+    _tentative: dict[int, Any] = field(default_factory=dict, repr=False)
+    _retracted: set[int] = field(default_factory=set, repr=False)
 
     def next_turn(self) -> int:
         """A new user turn's number: one counter for everything that starts turns in this
@@ -93,10 +95,45 @@ class Session:
         """The newest turn started so far (0: none)."""
         return self._turn
 
+    # ------------------------------------------------ preemptive turns (VAD ``tentative_ms``)
+    def mark_tentative(self, turn: int) -> None:
+        """The VAD sent a tentative end of ``turn``: its answer is being prepared, not yet
+        released (call on the pipeline's event loop)."""
+        import anyio
+
+        with self._lock:
+            self._tentative[turn] = anyio.Event()
+
+    def is_tentative(self, turn: int) -> bool:
+        return turn in self._tentative
+
+    def is_retracted(self, turn: int) -> bool:
+        return turn in self._retracted
+
+    def settle(self, turn: int, *, confirmed: bool) -> None:
+        """The tentative end of ``turn`` was confirmed, or retracted: a retracted turn's
+        messages are removed, and later ones are not recorded (:meth:`add` ignores them)."""
+        with self._lock:
+            event = self._tentative.pop(turn, None)
+            if not confirmed:
+                self._retracted.add(turn)
+                self.messages[:] = [m for m in self.messages if m.turn != turn]
+        if event is not None:
+            event.set()
+
+    async def wait_settled(self, turn: int) -> bool:
+        """Wait until ``turn`` is not tentative; True unless it was retracted."""
+        event = self._tentative.get(turn)
+        if event is not None:
+            await event.wait()
+        return turn not in self._retracted
+
     def add(self, role: Role, text: str, turn: int = 0) -> Message:
-        """Append a message and return it."""
+        """Append a message and return it (a retracted turn's is returned, not kept)."""
         msg = Message(role=role, text=text, turn=turn)
         with self._lock:
+            if turn in self._retracted:
+                return msg
             self.messages.append(msg)
         return msg
 
@@ -166,7 +203,8 @@ class Session:
         with self._lock:
             if message is None:
                 message = Message(role="assistant", text="", turn=turn)
-                self.messages.append(message)
+                if turn not in self._retracted:
+                    self.messages.append(message)
             message.tool_calls.append(ToolCallItem(call_id, name, arguments))
         return message
 
@@ -176,7 +214,8 @@ class Session:
         msg = Message(role="tool", text=output, turn=turn, call_id=call_id, name=name,
                       is_error=is_error)
         with self._lock:
-            self.messages.append(msg)
+            if turn not in self._retracted:
+                self.messages.append(msg)
         return msg
 
     def tool_call(self, call_id: str) -> tuple[ToolCallItem, Message] | None:

@@ -44,7 +44,13 @@ import anyio.to_thread
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from omniframe.frames import EndOfStreamFrame, Frame, InterruptFrame, MetricsFrame
+from omniframe.frames import (
+    EndOfStreamFrame,
+    EndRetractedFrame,
+    Frame,
+    InterruptFrame,
+    MetricsFrame,
+)
 
 if TYPE_CHECKING:
     from omniframe.session import Session
@@ -264,6 +270,14 @@ class Stage:
     async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
         """Barge-in: forget the answer in flight (buffers, partial state). May yield frames,
         which are sent after the interrupt itself (for example an end of turn)."""
+        return
+        yield  # pragma: no cover
+
+    async def retract(self, frame: EndRetractedFrame) -> AsyncIterator[Frame]:
+        """Preemptive mode: turn ``frame.turn`` was begun early and the user went on speaking.
+        The pipeline has already cancelled this stage's work on it and drops its frames;
+        forget what is kept for it (the session forgets its messages by itself). Frames
+        yielded go on after the retraction."""
         return
         yield  # pragma: no cover
 

@@ -14,6 +14,14 @@ audio at its own sample rate. Per chunk:
   input's sample rate. A turn longer than ``max_turn_s`` is closed there and the speech goes on
   in a new turn (logged as ``turn_split``).
 * end of stream closes an open turn.
+* preemptive mode (``tentative_ms``): in a turn, that much unvoiced audio (at least
+  ``post_roll_ms``) sends a tentative end: ``SpeechEndFrame(tentative=True)`` and the turn's
+  :class:`UserTurnFrame`, the same audio as the real end would send, so that the stages start
+  on the answer while the hangover runs (the pipeline's last stage holds the turn's frames).
+  If the hangover then runs out, :class:`EndConfirmedFrame` releases them (nothing is sent
+  again); if speech resumes first, :class:`EndRetractedFrame` makes every stage drop the turn
+  and the speech goes on as a new turn number, whose end is decided as usual. So the answer
+  that reaches the sink is, in every case, the one to the audio a run without preemption sends.
 
 Input at another rate than the backend needs is resampled on the fly
 (:class:`~omniframe_audio.resampling.StreamResampler`); the turn audio keeps the input rate.
@@ -37,7 +45,9 @@ from omniframe.audio import AudioError
 from omniframe.frames import (
     AudioFrame,
     CommitInputFrame,
+    EndConfirmedFrame,
     EndOfStreamFrame,
+    EndRetractedFrame,
     Frame,
     InterruptFrame,
     SpeechEndFrame,
@@ -67,6 +77,21 @@ class VADOptions(StageOptions):
         "auto", description="send an InterruptFrame when a turn opens (barge-in); auto: only "
         "for live input (microphone, real-time pacing), where the user can talk over an answer")
     forward_audio: bool = Field(False, description="pass the input AudioFrames on too")
+    tentative_ms: float | None = Field(
+        None, ge=0, le=60_000,
+        description="preemptive mode: after this much unvoiced audio in a turn (at least "
+        "post_roll_ms), send a tentative end so that the answer starts during the hangover; "
+        "held until the hangover confirms it, dropped if speech resumes. None: off")
+
+    @model_validator(mode="after")
+    def _tentative_before_hangover(self) -> VADOptions:
+        t = self.tentative_ms
+        if t is not None and max(t, self.post_roll_ms) >= self.hangover_ms:
+            raise ValueError(
+                f"tentative_ms ({t:g}) and post_roll_ms ({self.post_roll_ms:g}) must both be "
+                f"shorter than hangover_ms ({self.hangover_ms:g}): the tentative end comes "
+                f"before the hangover ends the turn; lower them or set tentative_ms: null")
+        return self
 
 
 class VADStage(Stage):
@@ -77,14 +102,15 @@ class VADStage(Stage):
     kind = "vad"
     consumes = (AudioFrame, CommitInputFrame)
     requires = (AudioFrame,)
-    produces = (SpeechStartFrame, InterruptFrame, SpeechEndFrame, UserTurnFrame, AudioFrame)
+    produces = (SpeechStartFrame, InterruptFrame, SpeechEndFrame, UserTurnFrame, AudioFrame,
+                EndConfirmedFrame, EndRetractedFrame)
     Options = VADOptions
 
     blocking: bool = False
     """True when :meth:`score` is heavy enough to run in a worker thread."""
     # a client's turn_detection update (OpenAI Realtime server_vad) changes these live
     live_options = frozenset({"threshold", "min_speech_ms", "hangover_ms", "pre_roll_ms",
-                              "post_roll_ms", "max_turn_s", "interrupt"})
+                              "post_roll_ms", "max_turn_s", "interrupt", "tentative_ms"})
 
     # ------------------------------------------------------------------- backend hooks
 
@@ -116,6 +142,9 @@ class VADStage(Stage):
         self._turn = 0
         self._live = False  # the input arrives at the speed of speech
         self._in_turn = False
+        self._tentative_sent = False  # the open turn's tentative end went out
+        self.tentatives = 0  # tentative ends sent, and of those retracted (preemptive mode)
+        self.retractions = 0
 
     def _init_stream(self, frame: AudioFrame) -> None:
         rate = int(frame.sample_rate)
@@ -156,6 +185,9 @@ class VADStage(Stage):
         self._pre_roll_n = int(round(o.pre_roll_ms * ms))  # type: ignore[attr-defined]
         self._post_roll_n = int(round(o.post_roll_ms * ms))  # type: ignore[attr-defined]
         self._max_turn_n = int(round(o.max_turn_s * rate))  # type: ignore[attr-defined]
+        t = o.tentative_ms  # type: ignore[attr-defined]
+        self._tentative_n = (None if t is None
+                             else max(int(round(t * ms)), self._post_roll_n))
 
     def options_changed(self, old: StageOptions) -> None:
         if self._in_rate is not None:  # the stream has started: new lengths from now on
@@ -220,20 +252,48 @@ class VADStage(Stage):
 
     def _end(self, post_roll: bool = True) -> list[Frame]:
         n = self._turn
+        self._in_turn = False
+        if self._tentative_sent:  # its audio went out already: confirm it
+            self._tentative_sent = False
+            self.context.session.settle(n, confirmed=True)
+            self.log.debug("speech_end_confirmed", turn=n)
+            return [EndConfirmedFrame(turn=n)]
+        return self._end_frames(post_roll)
+
+    def _end_frames(self, post_roll: bool, tentative: bool = False) -> list[Frame]:
+        """The end of the open turn: where speech ended, then the utterance."""
+        n = self._turn
         lve = self._last_voiced_end
         end = min(lve + self._post_roll_n, self._in_total) if post_roll else lve
         samples = self._slice(self._turn_audio_start, end)
         speech_end_ts = self._ts_at(lve)
-        self._in_turn = False
         assert self._in_rate is not None
         self.log.debug("speech_ended", turn=n, pts=round(self._t(lve), 3),
-                       seconds=round(len(samples) / self._in_rate, 3))
+                       seconds=round(len(samples) / self._in_rate, 3), tentative=tentative)
         return [
-            SpeechEndFrame(turn=n, pts=self._t(lve), speech_end_ts=speech_end_ts),
+            SpeechEndFrame(turn=n, pts=self._t(lve), speech_end_ts=speech_end_ts,
+                           tentative=tentative),
             UserTurnFrame(turn=n, samples=samples, sample_rate=self._in_rate,
                           start_pts=self._t(self._turn_audio_start), end_pts=self._t(end),
                           speech_end_ts=speech_end_ts),
         ]
+
+    def _tentative(self) -> list[Frame]:
+        """Preemptive mode: a short pause; send the end it would be (held downstream)."""
+        self._tentative_sent = True
+        self.tentatives += 1
+        self.context.session.mark_tentative(self._turn)
+        return self._end_frames(post_roll=True, tentative=True)
+
+    def _retract(self) -> list[Frame]:
+        """Speech resumed after a tentative end: drop that turn; go on under a new number."""
+        old = self._turn
+        self._turn = self.context.session.next_turn()
+        self._tentative_sent = False
+        self.retractions += 1
+        self.context.session.settle(old, confirmed=False)
+        self.log.debug("speech_end_retracted", turn=old, resumed_as=self._turn)
+        return [EndRetractedFrame(turn=old, resumed_as=self._turn)]
 
     def _decide(self, voiced: bool, s: int, e: int) -> list[Frame]:
         out: list[Frame] = []
@@ -247,6 +307,8 @@ class VADStage(Stage):
             else:
                 self._run_start = None
         elif voiced:
+            if self._tentative_sent:
+                out += self._retract()
             self._last_voiced_end = e
             if e - self._turn_start >= self._max_turn_n:
                 self.log.info("turn_split", turn=self._turn,
@@ -255,6 +317,9 @@ class VADStage(Stage):
                 out += self._start(e, pre_roll=False)
         elif e - self._last_voiced_end >= self._hangover_n:
             out += self._end()
+        elif (self._tentative_n is not None and not self._tentative_sent
+              and e - self._last_voiced_end >= self._tentative_n):
+            out += self._tentative()
         return out
 
     async def _score_and_decide(self, final: bool = False) -> list[Frame]:
