@@ -573,6 +573,10 @@ class TransformersLM(Stage):
                 if tool is not None and tool.client_side:
                     waiting.add(call.call_id)
                     continue
+                # preemptive mode: a tool may act on the world; run it only once the end of
+                # the user's speech is confirmed (a retracted turn's call is cancelled here)
+                if not await session.wait_settled(turn):
+                    return
                 self._active = (turn, msg)  # a barge-in during the tool ends the answer
                 try:
                     result = await tools.run(call)
