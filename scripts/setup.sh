@@ -12,6 +12,7 @@ command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
 command -v flite >/dev/null 2>&1 || need+=(flite)  # second TTS backend (optional)
 command -v g++ >/dev/null 2>&1 || need+=(g++)  # Mini-Omni's CPU decode kernel (optional)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)  # the scale-out example and its test (optional)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the browser page's test (Playwright, optional)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need[*]} (apt-get)"
