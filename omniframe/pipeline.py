@@ -33,6 +33,7 @@ import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from omniframe.frames import (
+    AudioFrame,
     CommitInputFrame,
     DataFrame,
     EndOfStreamFrame,
@@ -42,6 +43,7 @@ from omniframe.frames import (
     InterruptFrame,
     RespondFrame,
     SpeechEndFrame,
+    SpeechStartFrame,
     TranscriptFrame,
     TruncateFrame,
     UpdateOptionsFrame,
@@ -163,6 +165,10 @@ def update_problem(stage: Stage, options: Mapping[str, Any]) -> str | None:
     return None
 
 
+_USER_SIDE = (AudioFrame, SpeechStartFrame)
+"""Frames about the user's input, not the answer: never held for a tentative turn."""
+
+
 class _Runner:
     """Runs one stage: pulls from its inbox lanes, calls the stage, pushes to its outbox."""
 
@@ -181,7 +187,7 @@ class _Runner:
         self.observers = tuple(observers)
         self.metrics = metrics
         self.min_turn = 0  # data frames of turns 0 < t < min_turn are stale
-        self.retracted: set[int] = set()  # preemptive turns retracted: all their frames go
+        self.retracted: dict[int, int] = {}  # preemptive turns retracted: resumed as
         self.gate: Session | None = None  # the last stage holds tentative turns' frames
         self._scope: anyio.CancelScope | None = None
         self._scope_turn = 0
@@ -333,8 +339,14 @@ class _Runner:
 
     async def _settled(self, frame: Frame) -> Frame | None:
         """Preemptive turns: None for a frame of a retracted turn; at the last stage, a frame
-        of a tentative turn waits until the VAD confirms (the frame) or retracts it (None)."""
+        of a tentative turn waits until the VAD confirms (the frame) or retracts it (None).
+        The user's side (input audio, the speech start) is never held or dropped: a speech
+        start of a retracted turn goes on with the number the speech continued under."""
         turn = frame.turn
+        if isinstance(frame, _USER_SIDE):
+            while turn in self.retracted:
+                turn = self.retracted[turn]
+            return frame if turn == frame.turn else dataclasses.replace(frame, turn=turn)
         if turn in self.retracted:
             return None
         gate = self.gate
@@ -395,7 +407,7 @@ class _Runner:
                         await self._drive(self.stage.interrupt(frame), frame, "interrupt",
                                           self.urgent_activity)
                     elif isinstance(frame, EndRetractedFrame):
-                        self.retracted.add(frame.turn)
+                        self.retracted[frame.turn] = frame.resumed_as  # type: ignore[attr-defined]
                         scope = self._scope
                         if scope is not None and self._scope_turn == frame.turn:
                             scope.cancel()

@@ -50,6 +50,7 @@ import structlog
 from omniframe.frames import (
     AudioFrame,
     EndOfTurnFrame,
+    EndRetractedFrame,
     ErrorFrame,
     Frame,
     InterruptFrame,
@@ -218,6 +219,12 @@ class RealtimeSink(Stage):
     async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
         assert self.bridge is not None
         await self.bridge.on_interrupt(frame)
+        return
+        yield  # pragma: no cover
+
+    async def retract(self, frame: EndRetractedFrame) -> AsyncIterator[Frame]:
+        assert self.bridge is not None
+        self.bridge.on_retract(frame)
         return
         yield  # pragma: no cover
 
@@ -731,6 +738,18 @@ class RealtimeSession:
         elif isinstance(frame, ErrorFrame):
             log.warning("stage reported an error", session=self.id, stage=frame.stage,
                         message=frame.message[:300])
+
+    def on_retract(self, frame: EndRetractedFrame) -> None:
+        """Preemptive VAD: the tentative end of ``frame.turn`` was retracted and the speech
+        goes on as turn ``resumed_as``. Nothing of the tentative turn reached this sink; the
+        client's open input item (its speech_started) now belongs to the new number."""
+        old, new = frame.turn, frame.resumed_as
+        if old in self.user_items:
+            self.user_items[new] = self.user_items.pop(old)
+        if old in self.speech_start:
+            self.speech_start[new] = self.speech_start.pop(old)
+        if self.vad_turn == old:
+            self.vad_turn = new
 
     async def on_interrupt(self, frame: InterruptFrame) -> None:
         reason = "client_cancelled" if self._cancel_requested else "turn_detected"
