@@ -9,12 +9,21 @@ and a reason, after an ``error`` event saying why when the server ends it:
 1008   policy: unknown model, conversation too long
 1009   too big: a message over the limit, the input audio buffer over the limit
 1011   the pipeline failed
-1013   the server is full (``--max-sessions``), try again later
-1001   idle timeout, session length limit
+1008   policy: input audio faster than ``--max-audio-rate``; a client that does not read
+       (its event queue full for ``--send-timeout-seconds``: dropped, no event can reach it)
+1013   the server is full (``--max-sessions``), or this client address is
+       (``--max-sessions-per-client``): try again later
+1001   idle timeout, session length limit, server shutting down (after answers in flight
+       finish, up to ``--shutdown-grace-seconds``)
 =====  ===================================================================
 
 A missing or wrong API key is refused before the WebSocket opens (HTTP 401), as a foreign
 ``Origin`` is (HTTP 403).
+
+Over HTTP: ``/`` is the browser page (``omniframe/serve/static/``: only the regular files
+found there at start-up are served, each with a Content-Security-Policy and ``nosniff``),
+``/v1/models`` lists the served configs (OpenAI's list shape; it needs the API key when one
+is set) and ``/health`` answers without one.
 """
 
 from __future__ import annotations
@@ -22,7 +31,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import os
+import time
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,12 +60,34 @@ class Settings:
     max_sessions: int = 4
     allow_origins: tuple[str, ...] = ()
     check_events: bool = False  # validate every emitted event (tests, debugging)
+    max_sessions_per_client: int = 0  # per client address (0: no limit)
+    shutdown_grace_s: float = 10.0  # on shutdown, answers in flight may finish this long
+    static_dir: Path | None = None  # the browser page's files (None: the package's own)
 
 
 @dataclass
 class _Close:
     code: int
     reason: str
+
+
+@dataclass
+class _Live:
+    """A running session, as shutdown sees it."""
+
+    bridge: RealtimeSession
+    out: Any  # its event queue's send end
+    close: Any  # async (code, reason) -> None
+
+    def busy(self) -> bool:  # an answer streams, or the user is speaking
+        return bool(self.bridge.responses) or self.bridge.vad_turn is not None
+
+    async def end(self) -> None:
+        with contextlib.suppress(Exception):  # a full queue: the close says it alone
+            self.out.send_nowait(P.error_event(ProtocolError(
+                "server_shutting_down", "the server is shutting down: this session ends "
+                "(reconnect to go on)", type_="server_error")))
+        await self.close(1001, "server shutting down")
 
 
 def _offered_key(ws: Any) -> tuple[str | None, list[str]]:
@@ -76,14 +111,51 @@ def _origin_ok(ws: Any, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc == ws.headers.get("host")
 
 
+STATIC_DIR = Path(__file__).with_name("static")
+_MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
+                ".ico": "image/x-icon", ".json": "application/json"}
+# the page loads only its own scripts and styles and talks only to its own origin (CSP 'self'
+# covers ws:/wss: to the same host in browsers that implement CSP level 3; the explicit
+# ws(s)://host is added per request for the others)
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self' {ws}; media-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'")
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\[\]:-]{1,255}")
+
+
+def static_files(directory: Path) -> dict[str, Path]:
+    """The page's files by name: regular files directly in ``directory`` with a known type
+    (no symlinks, no subfolders, no dotfiles), read once, so no request path reaches the
+    file system."""
+    out: dict[str, Path] = {}
+    if not directory.is_dir():
+        return out
+    for f in sorted(directory.iterdir()):
+        if (f.name.startswith(".") or f.is_symlink() or not f.is_file()
+                or f.suffix not in _MEDIA_TYPES):
+            continue
+        out[f.name] = f
+    return out
+
+
+def _models_list(served: dict[str, ServedModel]) -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "omniframe",
+         "description": getattr(m.cfg, "description", "") or ""}
+        for name, m in served.items()]}
+
+
 def create_app(served: dict[str, ServedModel], settings: Settings) -> Any:
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket
 
     default_model = next(iter(served))
-    state = {"sessions": 0}
+    state: dict[str, Any] = {"sessions": 0, "clients": {}, "live": set(), "draining": False}
 
     async def deny(ws: WebSocket, status: int, code: str, message: str) -> None:
         body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
@@ -110,23 +182,88 @@ def create_app(served: dict[str, ServedModel], settings: Settings) -> Any:
             await _refuse(ws, "model_not_found", f"no served model {name[:80]!r}; served: "
                           f"{', '.join(served)}", 1008)
             return
+        if state["draining"]:
+            await _refuse(ws, "server_shutting_down", "the server is shutting down", 1001)
+            return
         if state["sessions"] >= settings.max_sessions:
             await _refuse(ws, "session_limit_reached", f"the server holds its maximum of "
                           f"{settings.max_sessions} sessions; try again later", 1013)
             return
+        client = ws.client.host if ws.client else "?"
+        per = settings.max_sessions_per_client
+        if per and state["clients"].get(client, 0) >= per:
+            await _refuse(ws, "client_session_limit_reached", f"this client address holds "
+                          f"its maximum of {per} sessions; try again later", 1013)
+            return
         state["sessions"] += 1
+        state["clients"][client] = state["clients"].get(client, 0) + 1
         try:
             await _session(ws, served[name], settings,
-                           metrics=ws.query_params.get("omniframe_metrics") == "1")
+                           metrics=ws.query_params.get("omniframe_metrics") == "1",
+                           live=state["live"])
         finally:
             state["sessions"] -= 1
+            state["clients"][client] -= 1
+            if not state["clients"][client]:
+                del state["clients"][client]
+
+    async def drain(stop_now: Any) -> None:
+        """Shutdown: no new sessions; answers in flight may finish (up to the grace time),
+        then each session gets server_shutting_down and close 1001."""
+        state["draining"] = True
+        deadline = time.monotonic() + settings.shutdown_grace_s
+        while (any(s.busy() for s in state["live"]) and time.monotonic() < deadline
+               and not stop_now()):
+            await anyio.sleep(0.05)
+        for s in list(state["live"]):
+            await s.end()
+        deadline = time.monotonic() + 3
+        while state["live"] and time.monotonic() < deadline and not stop_now():
+            await anyio.sleep(0.05)
 
     async def health(request: Any) -> Any:
         return JSONResponse({"status": "ok", "models": list(served),
-                             "sessions": state["sessions"]})
+                             "sessions": state["sessions"], "pid": os.getpid()})
+
+    async def models(request: Any) -> Any:
+        if settings.api_key is not None:
+            key, _ = _offered_key(request)
+            if key is None or not hmac.compare_digest(key.encode(), settings.api_key.encode()):
+                return JSONResponse({"error": {
+                    "type": "invalid_request_error", "code": "invalid_api_key",
+                    "message": "missing or wrong API key (send Authorization: Bearer <key>)"}},
+                    status_code=401, headers={"www-authenticate": "Bearer"})
+        return JSONResponse(_models_list(served), headers={"cache-control": "no-store"})
+
+    files = static_files(settings.static_dir or STATIC_DIR)
+    contents = {name: f.read_bytes() for name, f in files.items()}
+
+    def page_file(name: str, request: Any) -> Any:
+        body = contents.get(name)
+        if body is None:
+            return Response("not found\n", status_code=404, media_type="text/plain",
+                            headers={"x-content-type-options": "nosniff"})
+        host = request.headers.get("host", "")
+        ws = f"ws://{host} wss://{host}" if _HOST.fullmatch(host) else ""
+        return Response(body, media_type=_MEDIA_TYPES[Path(name).suffix], headers={
+            "content-security-policy": _CSP.format(ws=ws),
+            "x-content-type-options": "nosniff",
+            "referrer-policy": "no-referrer",
+            "cross-origin-opener-policy": "same-origin",
+            "permissions-policy": "microphone=(self), camera=(), geolocation=()",
+            "cache-control": "no-cache"})
+
+    async def index(request: Any) -> Any:
+        return page_file("index.html", request)
+
+    async def static(request: Any) -> Any:
+        return page_file(request.path_params["name"], request)
 
     return Starlette(routes=[WebSocketRoute("/v1/realtime", realtime),
-                             Route("/health", health)])
+                             Route("/health", health),
+                             Route("/v1/models", models),
+                             Route("/", index),
+                             Route("/static/{name}", static)])
 
 
 async def _refuse(ws: Any, code: str, message: str, close: int) -> None:
@@ -135,7 +272,8 @@ async def _refuse(ws: Any, code: str, message: str, close: int) -> None:
     await ws.close(close, code)
 
 
-async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bool) -> None:
+async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bool,
+                   live: set[_Live] | None = None) -> None:
     from starlette.websockets import WebSocketDisconnect
 
     limits = settings.limits
@@ -150,7 +288,18 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
     scope: list[anyio.CancelScope] = []
 
     async def send(event: dict[str, Any]) -> None:
-        await out_tx.send(event)
+        try:
+            out_tx.send_nowait(event)
+            return
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(limits.send_timeout_s):
+            await out_tx.send(event)
+            return
+        # memory stays bounded, and the pipeline must not wait forever: drop the client
+        log.warning("dropping the session: the client does not read", session=bridge.id,
+                    queued=limits.event_queue, seconds=limits.send_timeout_s)
+        await close(1008, "slow_client")
 
     async def close(code: int, reason: str) -> None:
         closing.set()
@@ -163,6 +312,9 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
 
     bridge = RealtimeSession(served, limits, send, close, metrics_events=metrics)
     bridge.send_nowait = out_tx.send_nowait
+    me = _Live(bridge, out_tx, close)
+    if live is not None:
+        live.add(me)
     log.info("session started", session=bridge.id, model=served.name, client=str(ws.client))
 
     async with anyio.create_task_group() as tg:
@@ -237,8 +389,10 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
                 await anyio.sleep_forever()
         tg.cancel_scope.cancel()
     bridge.stop()
-    if forced:
-        with contextlib.suppress(Exception):
+    if live is not None:
+        live.discard(me)
+    if forced:  # the socket may not take even the close: do not wait for it long
+        with contextlib.suppress(Exception), anyio.move_on_after(2):
             await ws.close(forced[0].code, forced[0].reason)
     log.info("session ended", session=bridge.id)
 
@@ -263,7 +417,8 @@ def run_server(served: dict[str, ServedModel], settings: Settings, host: str, po
         if server.started:
             bound = server.servers[0].sockets[0].getsockname()
             announce(f"omniframe serve: listening on ws://{bound[0]}:{bound[1]}/v1/realtime "
-                     f"(models: {', '.join(served)})")
+                     f"(models: {', '.join(served)}); the browser page: "
+                     f"http://{bound[0]}:{bound[1]}/")
         await task
 
     asyncio.run(main())
