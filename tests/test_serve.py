@@ -609,13 +609,18 @@ def _good_stream() -> list[dict]:
         ev("response.output_audio.delta", delta=base64.b64encode(b"\0\0").decode(), **ids),
         ev("response.output_audio_transcript.delta", delta="hi", **ids),
         ev("response.output_audio.done", **ids),
-        ev("response.done", response={"id": "r1", "status": "completed", "output": [],
+        ev("response.output_audio_transcript.done", transcript="hi", **ids),
+        ev("response.content_part.done", part={"type": "audio", "transcript": "hi"}, **ids),
+        ev("response.output_item.done", response_id="r1", output_index=0,
+           item=dict(item, status="completed")),
+        ev("response.done", response={"id": "r1", "status": "completed",
+                                      "output": [dict(item, status="completed")],
                                       "status_details": {"type": "completed"}}),
     ]
 
 
 def test_contract_checker_accepts_a_good_stream() -> None:
-    assert ContractChecker().check_all(_good_stream()) == 7
+    assert ContractChecker().check_all(_good_stream()) == 10
 
 
 @pytest.mark.parametrize("breakage", [
