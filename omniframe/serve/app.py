@@ -9,8 +9,12 @@ and a reason, after an ``error`` event saying why when the server ends it:
 1008   policy: unknown model, conversation too long
 1009   too big: a message over the limit, the input audio buffer over the limit
 1011   the pipeline failed
-1013   the server is full (``--max-sessions``), try again later
-1001   idle timeout, session length limit
+1008   policy: input audio faster than ``--max-audio-rate``; a client that does not read
+       (its event queue full for ``--send-timeout-seconds``: dropped, no event can reach it)
+1013   the server is full (``--max-sessions``), or this client address is
+       (``--max-sessions-per-client``): try again later
+1001   idle timeout, session length limit, server shutting down (after answers in flight
+       finish, up to ``--shutdown-grace-seconds``)
 =====  ===================================================================
 
 A missing or wrong API key is refused before the WebSocket opens (HTTP 401), as a foreign
@@ -27,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +60,8 @@ class Settings:
     max_sessions: int = 4
     allow_origins: tuple[str, ...] = ()
     check_events: bool = False  # validate every emitted event (tests, debugging)
+    max_sessions_per_client: int = 0  # per client address (0: no limit)
+    shutdown_grace_s: float = 10.0  # on shutdown, answers in flight may finish this long
     static_dir: Path | None = None  # the browser page's files (None: the package's own)
 
 
@@ -61,6 +69,25 @@ class Settings:
 class _Close:
     code: int
     reason: str
+
+
+@dataclass(eq=False)
+class _Live:
+    """A running session, as shutdown sees it."""
+
+    bridge: RealtimeSession
+    out: Any  # its event queue's send end
+    close: Any  # async (code, reason) -> None
+
+    def busy(self) -> bool:  # an answer streams, or the user is speaking
+        return bool(self.bridge.responses) or self.bridge.vad_turn is not None
+
+    async def end(self) -> None:
+        with contextlib.suppress(Exception):  # a full queue: the close says it alone
+            self.out.send_nowait(P.error_event(ProtocolError(
+                "server_shutting_down", "the server is shutting down: this session ends "
+                "(reconnect to go on)", type_="server_error")))
+        await self.close(1001, "server shutting down")
 
 
 def _offered_key(ws: Any) -> tuple[str | None, list[str]]:
@@ -121,14 +148,17 @@ def _models_list(served: dict[str, ServedModel]) -> dict[str, Any]:
         for name, m in served.items()]}
 
 
-def create_app(served: dict[str, ServedModel], settings: Settings) -> Any:
+def create_app(served: dict[str, ServedModel], settings: Settings,
+               hooks: dict[str, Any] | None = None) -> Any:
+    """The app; ``hooks["drain"](stop_now)`` (filled in when given) ends its sessions
+    gracefully, for the server's shutdown."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket
 
     default_model = next(iter(served))
-    state = {"sessions": 0}
+    state: dict[str, Any] = {"sessions": 0, "clients": {}, "live": set(), "draining": False}
 
     async def deny(ws: WebSocket, status: int, code: str, message: str) -> None:
         body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
@@ -155,20 +185,51 @@ def create_app(served: dict[str, ServedModel], settings: Settings) -> Any:
             await _refuse(ws, "model_not_found", f"no served model {name[:80]!r}; served: "
                           f"{', '.join(served)}", 1008)
             return
+        if state["draining"]:
+            await _refuse(ws, "server_shutting_down", "the server is shutting down", 1001)
+            return
         if state["sessions"] >= settings.max_sessions:
             await _refuse(ws, "session_limit_reached", f"the server holds its maximum of "
                           f"{settings.max_sessions} sessions; try again later", 1013)
             return
+        client = ws.client.host if ws.client else "?"
+        per = settings.max_sessions_per_client
+        if per and state["clients"].get(client, 0) >= per:
+            await _refuse(ws, "client_session_limit_reached", f"this client address holds "
+                          f"its maximum of {per} sessions; try again later", 1013)
+            return
         state["sessions"] += 1
+        state["clients"][client] = state["clients"].get(client, 0) + 1
         try:
             await _session(ws, served[name], settings,
-                           metrics=ws.query_params.get("omniframe_metrics") == "1")
+                           metrics=ws.query_params.get("omniframe_metrics") == "1",
+                           live=state["live"])
         finally:
             state["sessions"] -= 1
+            state["clients"][client] -= 1
+            if not state["clients"][client]:
+                del state["clients"][client]
+
+    async def drain(stop_now: Any) -> None:
+        """Shutdown: no new sessions; answers in flight may finish (up to the grace time),
+        then each session gets server_shutting_down and close 1001."""
+        state["draining"] = True
+        deadline = time.monotonic() + settings.shutdown_grace_s
+        while (any(s.busy() for s in state["live"])  # noqa: ASYNC110 (polls session states)
+               and time.monotonic() < deadline and not stop_now()):
+            await anyio.sleep(0.05)
+        for s in list(state["live"]):
+            await s.end()
+        deadline = time.monotonic() + 3
+        while state["live"] and time.monotonic() < deadline and not stop_now():  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+    if hooks is not None:
+        hooks["drain"] = drain
 
     async def health(request: Any) -> Any:
         return JSONResponse({"status": "ok", "models": list(served),
-                             "sessions": state["sessions"]})
+                             "sessions": state["sessions"], "pid": os.getpid()})
 
     async def models(request: Any) -> Any:
         if settings.api_key is not None:
@@ -217,7 +278,8 @@ async def _refuse(ws: Any, code: str, message: str, close: int) -> None:
     await ws.close(close, code)
 
 
-async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bool) -> None:
+async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bool,
+                   live: set[_Live] | None = None) -> None:
     from starlette.websockets import WebSocketDisconnect
 
     limits = settings.limits
@@ -232,7 +294,18 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
     scope: list[anyio.CancelScope] = []
 
     async def send(event: dict[str, Any]) -> None:
-        await out_tx.send(event)
+        try:
+            out_tx.send_nowait(event)
+            return
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(limits.send_timeout_s):
+            await out_tx.send(event)
+            return
+        # memory stays bounded, and the pipeline must not wait forever: drop the client
+        log.warning("dropping the session: the client does not read", session=bridge.id,
+                    queued=limits.event_queue, seconds=limits.send_timeout_s)
+        await close(1008, "slow_client")
 
     async def close(code: int, reason: str) -> None:
         closing.set()
@@ -245,6 +318,9 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
 
     bridge = RealtimeSession(served, limits, send, close, metrics_events=metrics)
     bridge.send_nowait = out_tx.send_nowait
+    me = _Live(bridge, out_tx, close)
+    if live is not None:
+        live.add(me)
     log.info("session started", session=bridge.id, model=served.name, client=str(ws.client))
 
     async with anyio.create_task_group() as tg:
@@ -319,27 +395,39 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
                 await anyio.sleep_forever()
         tg.cancel_scope.cancel()
     bridge.stop()
-    if forced:
-        with contextlib.suppress(Exception):
+    if live is not None:
+        live.discard(me)
+    if forced:  # the socket may not take even the close: do not wait for it long
+        with contextlib.suppress(Exception), anyio.move_on_after(2):
             await ws.close(forced[0].code, forced[0].reason)
     log.info("session ended", session=bridge.id)
 
 
 def run_server(served: dict[str, ServedModel], settings: Settings, host: str, port: int,
-               announce: Any = print) -> None:
-    """Serve until interrupted; ``announce(line)`` gets the address once listening."""
+               announce: Any = print, sockets: list[Any] | None = None) -> None:
+    """Serve until interrupted; ``announce(line)`` gets the address once listening.
+    ``sockets``: listen there instead (``--workers``: the parent's socket)."""
     import asyncio
 
     import uvicorn
 
-    app = create_app(served, settings)
+    hooks: dict[str, Any] = {}
+    app = create_app(served, settings, hooks)
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for s in self.servers:  # no new connections while the sessions end
+                s.close()
+            await hooks["drain"](lambda: self.force_exit)  # a second Ctrl-C: at once
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
                             ws_max_size=2 * settings.limits.max_message_bytes + (1 << 20),
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
 
     async def main() -> None:
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no event)
             await asyncio.sleep(0.02)
         if server.started:

@@ -96,6 +96,9 @@ class Limits:
     max_session_s: float = 3600.0
     audio_queue: int = 256  # input chunks waiting for the source
     event_queue: int = 512  # server events waiting for the socket
+    send_timeout_s: float = 10.0  # the event queue full this long: the client is dropped
+    max_audio_rate: float = 4.0  # input audio, times real time, once the burst is spent
+    audio_burst_s: float = 120.0  # input audio that may arrive at once
 
 
 # ------------------------------------------------------------------------ served configs
@@ -303,6 +306,8 @@ class RealtimeSession:
         self._cancel_requested = False
         self._truncating: dict[int, tuple[str, int]] = {}  # turn -> (item id, audio_end_ms)
         self.send_nowait: Callable[[dict[str, Any]], None] | None = None
+        self._audio_credit = limits.audio_burst_s  # seconds of input audio allowed now
+        self._audio_t = time.monotonic()
         self._build()
 
     # ---------------------------------------------------------------- pipeline
@@ -454,6 +459,7 @@ class RealtimeSession:
         x = P.decode_audio(event.get("audio"), self.limits.max_message_bytes)
         if not len(x):
             return
+        self._audio_rate(len(x))
         if not self.server_vad:
             if (self.buffered + len(x)) / P.INPUT_RATE > self.limits.max_buffer_s:
                 raise ProtocolError("input_audio_buffer_too_large", f"the input audio buffer "
@@ -469,6 +475,20 @@ class RealtimeSession:
         if len(y):
             y.setflags(write=False)
             await self.audio_tx.send(y)
+
+    def _audio_rate(self, n: int) -> None:
+        """A token bucket over input audio: ``audio_burst_s`` at once, then
+        ``max_audio_rate`` times real time."""
+        lim, now = self.limits, time.monotonic()
+        self._audio_credit = min(lim.audio_burst_s, self._audio_credit
+                                 + (now - self._audio_t) * lim.max_audio_rate)
+        self._audio_t = now
+        self._audio_credit -= n / P.INPUT_RATE
+        if self._audio_credit < 0:
+            raise ProtocolError("input_audio_rate_exceeded", f"input audio may arrive at most "
+                                f"{lim.max_audio_rate:g} times faster than real time (after "
+                                f"{lim.audio_burst_s:g} s at once): send it as it is recorded",
+                                close=1008)
 
     async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:
         if self.server_vad:
