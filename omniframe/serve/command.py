@@ -184,6 +184,7 @@ def _run_workers(configs: list[str], overrides: list[str], settings: Any, host: 
         stop(signal.SIGTERM, None)
     elif started == workers:
         bound = sock.getsockname()
+        sock.close()  # the workers hold it: once they stop listening, connections are refused
         click.echo(f"omniframe serve: listening on ws://{bound[0]}:{bound[1]}/v1/realtime "
                    f"({workers} workers, pids {' '.join(str(p.pid) for p in procs)})",
                    err=True)
