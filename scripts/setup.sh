@@ -34,4 +34,10 @@ echo "setup: installing PyTorch (CPU) and omniframe[all,dev]"
 if [ -f scripts/make_question.py ] && [ ! -f examples/question.wav ]; then
   "$PY" scripts/make_question.py examples/question.wav || echo "setup: could not make examples/question.wav" >&2
 fi
+# Pipecat and LiveKit, the Realtime clients that tests/test_serve_clients.py runs against
+# `omniframe serve`, in their own virtualenv (.venv-clients): Pipecat would downgrade packages
+# here. Quick when it is already there; 1-3 min fresh.
+if ! PYTHON="$PY" bash scripts/setup_clients.sh; then
+  echo "setup: the client virtualenv failed; tests/test_serve_clients.py will skip" >&2
+fi
 echo "setup: done"

@@ -1,0 +1,239 @@
+"""Pipecat's ``OpenAIRealtimeLLMService`` against an omniframe server, in a small pipeline.
+
+Runs inside ``.venv-clients`` (scripts/setup_clients.sh), not the main environment: it
+imports pipecat, never omniframe. One turn per run, chosen by ``--mode``:
+
+* ``text``: the context holds one user message; an ``LLMRunFrame`` makes Pipecat send it as
+  a ``conversation.item.create`` and ask for a response (audio and its transcript);
+* ``audio``: a 16 kHz mono wav (an espeak-ng question) goes in as ``InputAudioRawFrame``
+  chunks (Pipecat resamples them to 24 kHz), then silence; the server's VAD ends the turn;
+* ``tool``: the context also declares a ``get_weather`` tool that Pipecat answers with
+  ``{"sky": "sunny"}``; the run waits for the answer after the tool's result.
+
+Strict on purpose: every raw server event is recorded; a type Pipecat has no model for,
+an event its model refuses, and any ``error`` event or ``ErrorFrame`` make ``ok`` false.
+The last line on stdout is one JSON object (see ``main``); the exit status is 0 when ok.
+
+    .venv-clients/bin/python tests/clients/pipecat_client.py \\
+        --url ws://127.0.0.1:8000/v1/realtime --model echo --mode text --text "hello there"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import wave
+from typing import Any
+
+
+def read_wav(path: str) -> tuple[bytes, int]:
+    """16-bit mono PCM and its rate (the wav that scripts/make_question.py writes)."""
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise SystemExit(f"{path}: need 16-bit mono PCM, got {w.getsampwidth() * 8}-bit "
+                             f"x {w.getnchannels()} channels")
+        return w.readframes(w.getnframes()), w.getframerate()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from loguru import logger
+
+    logger.remove()  # Pipecat logs through loguru; keep stdout for the JSON line
+    logger.add(sys.stderr, level="WARNING")
+
+    from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
+    from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
+    from pipecat.frames.frames import (
+        ErrorFrame,
+        Frame,
+        InputAudioRawFrame,
+        LLMRunFrame,
+        TTSAudioRawFrame,
+        TTSTextFrame,
+    )
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+    from pipecat.services.openai.realtime import events
+    from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+    from pipecat.workers.runner import WorkerRunner
+
+    known = set(events._server_event_types)
+    raw: list[dict[str, Any]] = []
+    problems: list[str] = []
+    session_ready = asyncio.Event()
+    finished = asyncio.Event()
+    progress = asyncio.Event()  # set at each response.done
+    want_done = 2 if args.mode == "tool" else args.turns if args.mode == "audio" else 1
+    parse = events.parse_server_event
+
+    def strict_parse(message: str) -> Any:
+        e = json.loads(message)
+        kind = e.get("type")
+        raw.append({k: v for k, v in e.items() if k != "delta" or kind != (
+            "response.output_audio.delta")})
+        if kind not in known:
+            problems.append(f"unknown server event type {kind!r} (Pipecat ignores it)")
+        if kind == "error":
+            problems.append(f"error event: {e.get('error')}")
+        try:
+            evt = parse(message)
+        except Exception as exc:  # Pipecat's receive loop would end here
+            problems.append(f"Pipecat could not parse {kind!r}: {str(exc)[:300]}")
+            finished.set()
+            raise
+        if kind == "session.updated":
+            session_ready.set()
+        if kind == "response.done":
+            progress.set()
+            if n_done() >= want_done:
+                finished.set()
+        return evt
+
+    def n_done() -> int:
+        return sum(r["type"] == "response.done" for r in raw)
+
+    events.parse_server_event = strict_parse  # llm.py calls events.parse_server_event
+
+    audio = bytearray()
+    transcript: list[str] = []
+    calls: list[dict[str, Any]] = []
+
+    class Collect(FrameProcessor):
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TTSAudioRawFrame):
+                audio.extend(frame.audio)
+            elif isinstance(frame, TTSTextFrame):
+                transcript.append(frame.text)
+            elif isinstance(frame, ErrorFrame):
+                problems.append(f"ErrorFrame: {frame.error}")
+                finished.set()
+            await self.push_frame(frame, direction)
+
+    class CatchUpstream(FrameProcessor):
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, ErrorFrame):
+                problems.append(f"ErrorFrame: {frame.error}")
+                finished.set()
+            await self.push_frame(frame, direction)
+
+    tools = None
+    if args.mode == "tool":
+        tools = ToolsSchema(standard_tools=[FunctionSchema(
+            name="get_weather", description="The weather in a city",
+            properties={"city": {"type": "string"}}, required=["city"])])
+    messages = [] if args.mode == "audio" else [{"role": "user", "content": args.text}]
+    context = (LLMContext(messages=messages, tools=tools) if tools  # type: ignore[arg-type]
+               else LLMContext(messages=messages))  # type: ignore[arg-type]
+    llm = OpenAIRealtimeLLMService(
+        api_key=args.api_key, base_url=args.url,
+        settings=OpenAIRealtimeLLMService.Settings(model=args.model))
+
+    async def get_weather(params: Any) -> None:
+        calls.append({"name": params.function_name, "arguments": params.arguments})
+        await params.result_callback({"sky": "sunny"})
+
+    llm.register_function("get_weather", get_weather)
+    sent: list[dict[str, Any]] = []
+    ws_send = llm._ws_send
+
+    async def record_send(message: dict[str, Any]) -> None:
+        sent.append({k: v for k, v in message.items() if k != "audio"})
+        await ws_send(message)
+
+    llm._ws_send = record_send  # type: ignore[method-assign]
+    pair = LLMContextAggregatorPair(context)
+    pipeline = Pipeline([CatchUpstream(), pair.user(), llm, Collect(), pair.assistant()])
+    worker = PipelineWorker(pipeline, params=PipelineParams(), idle_timeout_secs=None,
+                            enable_rtvi=False)
+    runner = WorkerRunner(handle_sigint=False)
+
+    async def drive() -> None:
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(session_ready.wait(), args.timeout)
+            if args.mode == "audio":
+                pcm, rate = read_wav(args.wav)
+                pcm += bytes(2 * rate)  # 1 s of silence: the server's VAD ends the turn
+                step = 2 * rate // 10  # 100 ms frames
+                for turn in range(args.turns):
+                    while n_done() < turn:  # the next question after the last answer
+                        progress.clear()
+                        await progress.wait()
+                    for i in range(0, len(pcm), step):
+                        await worker.queue_frame(InputAudioRawFrame(
+                            audio=pcm[i:i + step], sample_rate=rate, num_channels=1))
+            else:
+                await worker.queue_frame(LLMRunFrame())
+            await asyncio.wait_for(finished.wait(), max(1.0, args.timeout - (
+                time.monotonic() - t0)))
+            await asyncio.sleep(0.3)  # let the last frames reach the collector
+        except TimeoutError:
+            problems.append(f"timed out after {args.timeout:.0f} s "
+                            f"({len(raw)} server events received)")
+        finally:
+            await worker.cancel()
+
+    t0 = time.monotonic()
+    await runner.add_workers(worker)
+    await asyncio.gather(runner.run(), drive())
+    dones = [r["response"] for r in raw if r["type"] == "response.done"]
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "event_types": [r["type"] for r in raw],
+        "sent_types": [m.get("type") for m in sent],
+        "sent_item_ids": [m["item"]["id"] for m in sent
+                          if m.get("type") == "conversation.item.create" and "id" in m["item"]],
+        "added_item_ids": [r["item"]["id"] for r in raw
+                           if r["type"] == "conversation.item.added"],
+        "responses": [{"id": d["id"], "status": d["status"],
+                       "output": [o.get("type") for o in d.get("output") or []]}
+                      for d in dones],
+        "audio_bytes": len(audio),
+        "audio_seconds": round(len(audio) / 2 / 24000, 3),
+        "audio_rms": _rms(bytes(audio)),
+        "transcript": "".join(transcript),
+        "function_calls": calls,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+
+
+def _rms(pcm: bytes) -> float:
+    import array
+
+    a = array.array("h", pcm[: len(pcm) // 2 * 2])
+    return round((sum(v * v for v in a) / len(a)) ** 0.5 / 32768, 4) if a else 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True, help="ws://HOST:PORT/v1/realtime")
+    p.add_argument("--model", default="echo", help="a served config's name")
+    p.add_argument("--api-key", default="unused")
+    p.add_argument("--mode", choices=("text", "audio", "tool"), default="text")
+    p.add_argument("--text", default="hello there", help="the user message (text, tool)")
+    p.add_argument("--wav", help="16 kHz mono 16-bit question (audio)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="audio: ask the question this many times, each after the last answer")
+    p.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args()
+    if args.mode == "audio" and not args.wav:
+        p.error("--mode audio needs --wav")
+    try:
+        result = asyncio.run(run(args))
+    except Exception as exc:  # report, never a bare traceback without the JSON line
+        result = {"ok": False, "problems": [f"{type(exc).__name__}: {exc}"]}
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
