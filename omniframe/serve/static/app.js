@@ -57,6 +57,7 @@ const itemResponse = new Map(); // assistant item -> response id
 const truncated = new Set();
 const lines = new Map(); // item -> {li, text, meta}
 const latencies = [];
+let run = 0; // each start() and stop() begins a new run: late callbacks of an old one quit
 let clearSeq = 0;
 const clearWaiters = new Map();
 
@@ -206,6 +207,7 @@ async function bargeIn() {
   const cleared = await clearPlayer();
   for (const item of unheard) {
     const played = cleared.played[item] || 0;
+    if (played >= hook.received[item]) continue; // it had ended before the clear
     truncated.add(item);
     const audioEndMs = Math.floor((played * 1000) / RATE);
     send({ type: "conversation.item.truncate", item_id: item, content_index: 0,
@@ -237,7 +239,12 @@ function onEvent(msg) {
     case "session.created":
       send({ type: "session.update", session: { type: "realtime",
         audio: { input: { transcription: { model: "whisper-1" } } } } });
-      startMic().catch((err) => fail(`microphone: ${err.message || err}`));
+      {
+        const mine = run;
+        startMic().catch((err) => {
+          if (mine === run) fail(`microphone: ${err.message || err}`);
+        });
+      }
       break;
     case "input_audio_buffer.speech_started":
       line(e.item_id, "user").text.textContent = "…";
@@ -306,9 +313,15 @@ function onEvent(msg) {
 // ------------------------------------------------------------------ start / stop
 
 async function startMic() {
+  const mine = run;
   const aec = $("aec").checked;
-  media = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1,
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1,
     echoCancellation: aec, noiseSuppression: aec, autoGainControl: aec } });
+  if (mine !== run) { // stopped while the browser asked for the microphone
+    for (const t of stream.getTracks()) t.stop();
+    return;
+  }
+  media = stream;
   let source;
   try {
     source = ctx.createMediaStreamSource(media);
@@ -323,6 +336,7 @@ async function startMic() {
     source = ctx.createMediaStreamSource(media);
   }
   await ctx.audioWorklet.addModule("/static/capture-worklet.js");
+  if (mine !== run) return;
   capture = new AudioWorkletNode(ctx, "omniframe-capture", { numberOfOutputs: 0 });
   capture.port.onmessage = (ev) => {
     const m = ev.data;
@@ -368,6 +382,7 @@ async function start() {
   }
   stopping = false;
   opened = false;
+  const mine = ++run;
   setState("connecting", "connecting");
   // created in the click, so it may play; ?rate=native runs at the device's rate (the
   // worklets then convert, as they do where a 24 kHz context cannot take a microphone)
@@ -377,9 +392,10 @@ async function start() {
     await ctx.resume();
     await setupPlayer();
   } catch (err) {
-    fail(`audio: ${err.message || err}`);
+    if (mine === run) fail(`audio: ${err.message || err}`);
     return;
   }
+  if (mine !== run) return; // stopped meanwhile
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const url = `${scheme}://${location.host}/v1/realtime?model=${encodeURIComponent(model)}`;
   const protocols = ["realtime"];
@@ -390,6 +406,7 @@ async function start() {
   };
   ws.onmessage = onEvent;
   ws.onclose = (ev) => {
+    if (mine !== run) return; // a socket this page already left
     hook.closed = { code: ev.code, reason: ev.reason };
     if (!stopping) {
       if (!opened) {
@@ -404,6 +421,7 @@ async function start() {
 }
 
 function stop() {
+  run++;
   stopping = true;
   if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "client stopped");
   ws = null;
