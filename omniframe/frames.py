@@ -138,7 +138,8 @@ class SpeechEndFrame(ControlFrame):
             before the hangover ran out, with the turn's :class:`UserTurnFrame` right after it,
             so that the stages start on the answer early. The VAD later confirms the end
             (:class:`EndConfirmedFrame`) or retracts it (:class:`EndRetractedFrame`). Until
-            then the pipeline's last stage holds every frame of the turn (this one included);
+            then the pipeline's first sink (its last stage if it has no sink) holds every
+            frame of the turn (this one included);
             on confirmation they go on, this one with ``tentative=False``: the sink sees what
             it sees without preemption.
     """
@@ -327,7 +328,7 @@ class InterruptFrame(SystemFrame):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndConfirmedFrame(SystemFrame):
     """Preemptive mode: the tentative end of ``turn`` (a ``SpeechEndFrame(tentative=True)``)
-    held: the hangover ran out without more speech. What the pipeline's last stage held for
+    held: the hangover ran out without more speech. What the pipeline's first sink held for
     the turn goes on at once. Urgent, so that it is not queued behind the answer it releases.
     """
 

@@ -188,7 +188,7 @@ class _Runner:
         self.metrics = metrics
         self.min_turn = 0  # data frames of turns 0 < t < min_turn are stale
         self.retracted: dict[int, int] = {}  # preemptive turns retracted: resumed as
-        self.gate: Session | None = None  # the last stage holds tentative turns' frames
+        self.gate: Session | None = None  # the first sink holds tentative turns' frames
         self._scope: anyio.CancelScope | None = None
         self._scope_turn = 0
         self._consumed: dict[type, bool] = {}
@@ -654,8 +654,9 @@ class Pipeline:
                                 urgent[st.context.name], self._failed)
                         for i, st in enumerate(self.stages)
                     ]
-                    if len(runners) > 1:  # the last stage holds frames of tentative turns
-                        runners[-1].gate = self.stages[-1].context.session
+                    if len(runners) > 1:  # the first sink holds frames of tentative turns
+                        held = next((r for r in runners[1:] if r.kind == "sink"), runners[-1])
+                        held.gate = held.stage.context.session
                     self._lanes, self._runners = lanes, runners
                     try:
                         async with anyio.create_task_group() as tg:

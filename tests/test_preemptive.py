@@ -201,3 +201,20 @@ def test_tentative_must_come_before_the_hangover() -> None:
 async def test_speech_start_keeps_its_turn_number() -> None:
     _, _, probe, _ = await _run(PAUSED, 150)
     assert [f.turn for f in probe.seen if isinstance(f, SpeechStartFrame)] == [1]
+
+
+async def test_the_first_of_two_sinks_holds() -> None:
+    """A wav sink before a text sink: the first sink is where the answer is heard, so it
+    holds; it never sees a frame of a tentative turn."""
+    session = Session()
+    vad = make_stage(EnergyVAD, session=session, tentative_ms=150, **VAD)
+    lm = make_stage(EchoLM, session=session)
+    codec = make_stage(EchoCodec, session=session)
+    first = make_stage(Probe, name="first", session=session)
+    second = make_stage(Probe, name="second", session=session)
+    await run_frames([vad, lm, codec, first, second],
+                     audio_frames(speech_like(PLAIN), SR, 20.0, live=False), timeout=30)
+    assert vad.tentatives == 1
+    assert not first.early and not second.early
+    assert [_key(f) for f in first.seen if not isinstance(f, SystemFrame)] == \
+        [_key(f) for f in second.seen if not isinstance(f, SystemFrame)]

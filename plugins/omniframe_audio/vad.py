@@ -17,7 +17,7 @@ audio at its own sample rate. Per chunk:
 * preemptive mode (``tentative_ms``): in a turn, that much unvoiced audio (at least
   ``post_roll_ms``) sends a tentative end: ``SpeechEndFrame(tentative=True)`` and the turn's
   :class:`UserTurnFrame`, the same audio as the real end would send, so that the stages start
-  on the answer while the hangover runs (the pipeline's last stage holds the turn's frames).
+  on the answer while the hangover runs (the pipeline's first sink holds the turn's frames).
   If the hangover then runs out, :class:`EndConfirmedFrame` releases them (nothing is sent
   again); if speech resumes first, :class:`EndRetractedFrame` makes every stage drop the turn
   and the speech goes on as a new turn number, whose end is decided as usual. So the answer
