@@ -29,7 +29,8 @@ from . import ckpt
 from .data import FeatureStore, TrainData, dummy_sample, load_source
 from .dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, init, no_sync, shutdown, wrap
 from .evaluate import eval_items, evaluate
-from .loss import STREAM_NAMES, TrainModel, collate, combine, label_counts, stream_weights
+from .fast import Prefetcher, PreparedStep, peak_tflops, prepare_step, step_flops, to_device
+from .loss import STREAM_NAMES, TrainModel, combine, stream_weights
 from .optim import bind_row_masks, lr_at, make_optimizer, select_trainable
 from .recipe import Recipe
 from .start import build_model, export, param_summary
@@ -174,6 +175,9 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
     gpt.to(env.device)
     if recipe.activation_checkpointing:
         enable_activation_checkpointing(gpt)
+    if recipe.perf.compile:
+        for block in gpt.transformer.h:  # regional: small graphs, parameter names unchanged
+            block.compile(backend=recipe.perf.compile_backend)
     feature_dim = config.whisper_adapter_dim
     model = TrainModel(gpt)
     use_bf16 = recipe.precision == "bf16-mixed" or (
@@ -182,7 +186,11 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
                  find_unused=recipe.distributed.find_unused_parameters,
                  mixed_bf16=use_bf16 and recipe.distributed.strategy == "fsdp2")
     row_masks = bind_row_masks(model, row_masks)
-    optimizer = make_optimizer(model, recipe.optim)
+    perf = recipe.perf
+    optimizer = make_optimizer(model, recipe.optim, perf.optimizer, env.device)
+    cuda = env.device.type == "cuda"
+    prefetch = perf.prefetch if perf.prefetch >= 0 else (2 if cuda else 0)
+    peak = peak_tflops(env.device, perf.peak_tflops)
     autocast = _autocast(env, recipe.precision)
     accum = recipe.accumulation(env.world)
     weights = stream_weights(recipe.loss.text_weight, recipe.loss.audio_weight)
@@ -255,92 +263,120 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
     # ---------------------------------------------------------------- loop
     model.train()
     it = data.iter_steps(epoch, batch_idx)
+    pin = cuda and perf.pin_memory
+
+    def produce() -> PreparedStep:
+        return prepare_step(data, features, next(it), rank=env.rank, world=env.world,
+                            accum=accum, feature_dim=feature_dim, pin=pin, dummy=dummy_sample)
+
+    steps_left = recipe.steps - start_step
+    feed = Prefetcher(produce, prefetch) if prefetch > 0 and steps_left > 0 else None
+    dev = env.device
+    # window sums stay on the device (no host sync per step): 8 loss sums, 8 correct, 8 counts,
+    # loss, padded positions, samples, real tokens
+    win = torch.zeros(28, dtype=torch.float64, device=dev)
+    win_steps = 0
+    win_flops = 0.0
     t_last = time.perf_counter()
-    win: dict[str, float] = {"tokens": 0.0, "samples": 0.0, "steps": 0.0}
-    win_sums = torch.zeros(8, dtype=torch.float64)
-    win_counts = torch.zeros(8, dtype=torch.float64)
-    win_correct = torch.zeros(8, dtype=torch.float64)
-    win_loss = 0.0
     last_eval = first_eval
     step = start_step
     tokens_total = 0.0
+    flops_total = 0.0
+    step_times: list[float] = []
     t_start = time.perf_counter()
-    for step in range(start_step, recipe.steps):
-        epoch, batch_idx, batch = next(it)
-        micro = data.micro_batches(batch, env.rank, env.world, accum, features)
-        batches = [collate(m or [dummy_sample()], feature_dim) for m in micro]
-        counts = torch.stack([label_counts(b["labels"]) for b in batches]).sum(0)
-        n_pos = float(sum(b["input_ids"].shape[0] * b["input_ids"].shape[2] for b in batches))
-        n_samples = float(sum(len(m) for m in micro))  # this rank's share of the batch
-        stats = torch.cat([counts.double(), torch.tensor([n_pos, n_samples])])
-        stats = all_reduce_sum(stats.to(env.device), env).cpu()
-        global_counts = stats[:8]
-        lr = lr_at(step, recipe.optim, recipe.steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        step_loss = torch.zeros((), dtype=torch.float64)
-        step_sums = torch.zeros(8, dtype=torch.float64)
-        step_correct = torch.zeros(8, dtype=torch.float64)
-        for k, b in enumerate(batches):
-            with no_sync(model, recipe.distributed.strategy, k < len(batches) - 1):
-                with autocast():
-                    sums, _, corr = model(b["input_ids"].to(env.device),
-                                          b["labels"].to(env.device),
-                                          b["features"].to(env.device),
-                                          b["whisper_lens"].to(env.device))
-                    loss = combine(sums, global_counts, weights) * env.world
-                loss.backward()
-            step_loss += float(loss.detach()) / env.world
-            step_sums += sums.detach().double().cpu()
-            step_correct += corr.detach().double().cpu()
-        for m in row_masks:
-            m.apply()
-        if recipe.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], recipe.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # ------------------------------------------------------------ logging
-        red = torch.cat([step_sums, step_correct, step_loss.view(1)])
-        red = all_reduce_sum(red.to(env.device), env).cpu()
-        win_sums += red[:8]
-        win_correct += red[8:16]
-        win_counts += global_counts
-        win_loss += float(red[16])
-        win["tokens"] += float(stats[8])
-        win["samples"] += float(stats[9])
-        win["steps"] += 1
-        tokens_total += float(stats[8])
-        done = step + 1
-        if done % recipe.log.every == 0 or done == recipe.steps:
-            dt = time.perf_counter() - t_last
-            row: dict[str, Any] = {"loss": win_loss / win["steps"], "lr": lr,
-                                   "tokens_per_s": win["tokens"] / dt,
-                                   "samples_per_s": win["samples"] / dt,
-                                   "epoch": epoch, "peak_rss_gb": peak_rss_gb()}
-            for j, name in enumerate(STREAM_NAMES):
-                if win_counts[j] > 0:
-                    row[f"loss_{name}"] = float(win_sums[j] / win_counts[j])
-                    row[f"acc_{name}"] = float(win_correct[j] / win_counts[j])
-            if metrics is not None:
-                metrics.add("train", done, row)
-            streams = " ".join(f"{n}={row[f'loss_{n}']:.3f}" for n in STREAM_NAMES
-                               if f"loss_{n}" in row)
-            say(f"step {done:>6}/{recipe.steps} loss {row['loss']:.4f} [{streams}] "
-                f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s {row['samples_per_s']:.1f} "
-                f"samples/s")
-            t_last = time.perf_counter()
-            win = {"tokens": 0.0, "samples": 0.0, "steps": 0.0}
-            win_sums.zero_()
-            win_counts.zero_()
-            win_correct.zero_()
-            win_loss = 0.0
-        if recipe.eval.every and done % recipe.eval.every == 0 and done < recipe.steps:
-            last_eval = run_eval(done)
-        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and \
-                done < recipe.steps:
-            ckpt.save(ck_root, done, model, optimizer,
-                      {"epoch": epoch, "batch": batch_idx + 1}, env, recipe.checkpoint.keep)
+    try:
+        for step in range(start_step, recipe.steps):
+            t_step = time.perf_counter()
+            prep = next(feed) if feed is not None else produce()
+            epoch, batch_idx = prep.epoch, prep.batch_idx
+            stats = all_reduce_sum(prep.stats.to(dev, non_blocking=True), env)
+            global_counts = stats[:8]
+            lr = lr_at(step, recipe.optim, recipe.steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_acc = torch.zeros(17, dtype=torch.float64, device=dev)
+            n_mb = len(prep.batches)
+            for k, hb in enumerate(prep.batches):
+                b = to_device(hb, dev)
+                with no_sync(model, recipe.distributed.strategy, k < n_mb - 1):
+                    with autocast():
+                        sums, _, corr = model(
+                            b["input_ids"], None if perf.sync_free else b["labels"],
+                            b["features"], b["whisper_lens"],
+                            index=b["index"] if perf.sync_free else None)
+                        loss = combine(sums, global_counts, weights) * env.world
+                    loss.backward()
+                step_acc[:8] += sums.detach().double()
+                step_acc[8:16] += corr.detach().double()
+                step_acc[16] += loss.detach().double() / env.world
+            for m in row_masks:
+                m.apply()
+            if recipe.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], recipe.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # -------------------------------------------------------- logging
+            step_acc = all_reduce_sum(step_acc, env)
+            win[:16] += step_acc[:16]
+            win[16:24] += global_counts
+            win[24] += step_acc[16]
+            win[25:28] += stats[8:11]
+            win_steps += 1
+            # this rank's model FLOPs (its own micro-batches); summed over ranks below
+            f = step_flops(config, prep.lengths, prep.stats[:8], prep.whisper)
+            win_flops += f
+            flops_total += f
+            done = step + 1
+            if not cuda:
+                step_times.append(time.perf_counter() - t_step)
+            if done % recipe.log.every == 0 or done == recipe.steps:
+                w = win.cpu()  # the one host sync per log window
+                dt = time.perf_counter() - t_last
+                fl = all_reduce_sum(torch.tensor([win_flops], dtype=torch.float64,
+                                                 device=dev), env).item()
+                tokens_total += float(w[25])
+                row: dict[str, Any] = {
+                    "loss": float(w[24]) / win_steps, "lr": lr,
+                    "tokens_per_s": float(w[25]) / dt,
+                    "real_tokens_per_s": float(w[27]) / dt,
+                    "padding_frac": 1.0 - float(w[27]) / max(float(w[25]), 1.0),
+                    "samples_per_s": float(w[26]) / dt,
+                    "model_tflops": fl / dt / 1e12,
+                    "step_s": dt / win_steps,
+                    "epoch": epoch, "peak_rss_gb": peak_rss_gb()}
+                if peak:
+                    row["mfu"] = fl / dt / 1e12 / (peak * env.world)
+                if cuda:
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1024**3
+                for j, name in enumerate(STREAM_NAMES):
+                    if w[16 + j] > 0:
+                        row[f"loss_{name}"] = float(w[j] / w[16 + j])
+                        row[f"acc_{name}"] = float(w[8 + j] / w[16 + j])
+                if metrics is not None:
+                    metrics.add("train", done, row)
+                streams = " ".join(f"{n}={row[f'loss_{n}']:.3f}" for n in STREAM_NAMES
+                                   if f"loss_{n}" in row)
+                mfu = f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else \
+                    f"{row['model_tflops']:.3f} TFLOP/s (MFU: set perf.peak_tflops)"
+                say(f"step {done:>6}/{recipe.steps} loss {row['loss']:.4f} [{streams}] "
+                    f"lr {lr:.2e} {row['real_tokens_per_s']:.0f} tok/s "
+                    f"({row['tokens_per_s']:.0f} positions/s, "
+                    f"{100 * row['padding_frac']:.0f}% padding) {mfu} "
+                    f"{row['samples_per_s']:.1f} samples/s")
+                t_last = time.perf_counter()
+                win.zero_()
+                win_steps = 0
+                win_flops = 0.0
+            if recipe.eval.every and done % recipe.eval.every == 0 and done < recipe.steps:
+                last_eval = run_eval(done)
+            if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and \
+                    done < recipe.steps:
+                ckpt.save(ck_root, done, model, optimizer,
+                          {"epoch": epoch, "batch": batch_idx + 1}, env, recipe.checkpoint.keep)
+    finally:
+        if feed is not None:
+            feed.close()
     train_s = time.perf_counter() - t_start
     final_step = max(step + 1, start_step) if recipe.steps > start_step else start_step
     # ---------------------------------------------------------------- finish
@@ -364,6 +400,8 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
     summary = {
         "steps": final_step, "train_s": train_s,
         "tokens_per_s": tokens_total / train_s if train_s > 0 else float("nan"),
+        "model_flops": flops_total,
+        "step_s_p50": (sorted(step_times)[len(step_times) // 2] if step_times else None),
         "first_eval": _plain(first_eval), "final_eval": _plain(final_eval),
         "export": str(export_path) if export_path else None,
         "curves": str(png) if png else None, "skipped_samples": data.skipped,

@@ -129,6 +129,49 @@ def stream_losses(hidden: Tensor, labels: Tensor, head: Tensor) -> tuple[Tensor,
     return (torch.stack(sums), torch.tensor(counts, device=dev), torch.tensor(correct, device=dev))
 
 
+def label_index(labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per stream, the flat (B*(T-1)) indices of the supervised shifted positions and their
+    targets, computed on the host before the batch moves: the device-side loss then gathers
+    rows with ``index_select`` instead of a boolean mask (no host synchronisation)."""
+    tgt = labels[:, :, 1:]
+    out = []
+    for s in range(T.N_STREAMS):
+        flat = tgt[:, s].reshape(-1)
+        idx = (flat != IGNORE).nonzero().view(-1)
+        out.append((idx, flat[idx]))
+    return out
+
+
+def stream_losses_indexed(hidden: Tensor, index: Sequence[tuple[Tensor, Tensor]],
+                          head: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`stream_losses` from precomputed :func:`label_index` (on the model's device).
+
+    Same rows in the same order as the boolean-mask version, so the same values; it never
+    reads a device value on the host. Returns (loss_sum (8,), count (8,), correct (8,)).
+    """
+    c = hidden.size(-1)
+    h = hidden[:, :-1].reshape(-1, c)
+    sums, counts, correct = [], [], []
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    for s, (idx, y) in enumerate(index):
+        n = idx.numel()  # a shape: known on the host without a sync
+        if n == 0:
+            sums.append(zero)
+            counts.append(zero)
+            correct.append(zero)
+            continue
+        if s == T.TEXT_STREAM:
+            lo, hi = 0, T.TEXT_VOCAB_SIZE
+        else:
+            lo = T.layer_base(s)
+            hi = lo + T.AUDIO_VOCAB_SIZE
+        logits = F.linear(h.index_select(0, idx), head[lo:hi]).float()
+        sums.append(F.cross_entropy(logits, y, reduction="sum"))
+        counts.append(zero + n)
+        correct.append((logits.argmax(-1) == y).sum().float())
+    return torch.stack(sums), torch.stack(counts), torch.stack(correct)
+
+
 def stream_weights(text_weight: float = 1.0, audio_weight: float | Sequence[float] = 1.0
                    ) -> Tensor:
     """(8,) weights: 7 audio layers then text."""
@@ -149,9 +192,9 @@ def combine(loss_sum: Tensor, global_counts: Tensor, weights: Tensor) -> Tensor:
     counts = global_counts.to(loss_sum.device, torch.float32)
     w = weights.to(loss_sum.device, torch.float32) * (counts > 0)
     denom = w.sum()
-    if denom <= 0:
-        return loss_sum.sum() * 0.0
-    return (w * loss_sum / counts.clamp(min=1)).sum() / denom
+    # no host branch on ``denom`` (a device value): when no stream has a label every weight
+    # is 0, the numerator is 0 and the loss is 0 with the graph kept
+    return (w * loss_sum / counts.clamp(min=1)).sum() / denom.clamp(min=1e-12)
 
 
 class TrainModel(nn.Module):
@@ -168,10 +211,14 @@ class TrainModel(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 features: Tensor | None = None, whisper_lens: Tensor | None = None,
-                mode: str = "loss", **kwargs: object) -> tuple[Tensor, ...]:
+                mode: str = "loss", index: Sequence[tuple[Tensor, Tensor]] | None = None,
+                **kwargs: object) -> tuple[Tensor, ...]:
         if mode == "logits":
             return self.gpt(input_ids, whisper_lens=whisper_lens, **kwargs)
-        assert labels is not None and features is not None and whisper_lens is not None
+        assert features is not None and whisper_lens is not None
         x = embed(self.gpt, input_ids, features, whisper_lens)
         hidden = self.gpt.forward_embeddings(x)
+        if index is not None:  # the sync-free path (label_index computed on the host)
+            return stream_losses_indexed(hidden, index, self.gpt.lm_head.weight)
+        assert labels is not None
         return stream_losses(hidden, labels, self.gpt.lm_head.weight)

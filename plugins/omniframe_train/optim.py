@@ -123,11 +123,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def make_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, spec: OptimSpec, impl: str = "for",
+                   device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable groups. ``impl``: ``fused``, ``foreach``, ``for`` or ``auto``
+    (fused on CUDA, foreach elsewhere); all compute the same update."""
     groups = param_groups(model, spec.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: check the recipe's trainable section")
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
+    if impl == "auto":
+        impl = "fused" if device is not None and device.type == "cuda" else "foreach"
+    kw: dict = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, **kw)
 
 
 def lr_at(step: int, spec: OptimSpec, total_steps: int) -> float:

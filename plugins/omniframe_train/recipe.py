@@ -119,6 +119,32 @@ class OptimSpec(_Strict):
     grad_clip: float = 1.0  # 0 disables
 
 
+class PerfSpec(_Strict):
+    """Speed options (issue 14). ``auto`` values pick the fast setting on CUDA and the measured
+    one on CPU; every option leaves the loss curve unchanged within float tolerance (tests).
+
+    - ``optimizer``: AdamW implementation: ``fused`` (one kernel for all parameters; CUDA),
+      ``foreach`` (multi-tensor), ``for`` (the per-parameter loop). auto: fused on CUDA,
+      foreach on CPU.
+    - ``prefetch``: global batches a background thread prepares ahead (features, collation,
+      label indices, pinned memory on CUDA); 0 prepares in the loop. auto (-1): 2 on CUDA, 0 on
+      CPU (one core per process: the thread would only compete).
+    - ``sync_free``: the loss gathers supervised rows by host-computed indices and loss/metric
+      sums stay on the device until a log line (no per-step host synchronisation).
+    - ``compile``: ``torch.compile`` each transformer block (regional; keys unchanged).
+    - ``peak_tflops``: the device's peak for MFU (per process). Default: the bf16 dense peak
+      of known GPUs (H100/H200 989, A100 312), else MFU is not reported.
+    """
+
+    optimizer: Literal["auto", "fused", "foreach", "for"] = "auto"
+    prefetch: int = -1
+    pin_memory: bool = True
+    sync_free: bool = True
+    compile: bool = False
+    compile_backend: str = "inductor"
+    peak_tflops: float | None = None
+
+
 class DistSpec(_Strict):
     strategy: Literal["ddp", "fsdp2"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -165,6 +191,7 @@ class Recipe(_Strict):
     activation_checkpointing: bool = False
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
     distributed: DistSpec = DistSpec()
+    perf: PerfSpec = PerfSpec()
     log: LogSpec = LogSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
