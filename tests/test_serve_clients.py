@@ -43,8 +43,11 @@ pytestmark = pytest.mark.anyio
 
 
 def has(module: str) -> bool:
-    probe = subprocess.run([str(PY), "-c", f"import {module}"], capture_output=True)
-    return probe.returncode == 0
+    """Whether the venv holds ``module`` (a file check: importing costs seconds; a package
+    that is there but fails to import fails its test, as it should)."""
+    rel = module.replace(".", "/")
+    return any(VENV.glob(f"lib/python3*/site-packages/{rel}.py")) or any(
+        VENV.glob(f"lib/python3*/site-packages/{rel}/__init__.py"))
 
 
 def client_result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -72,7 +75,7 @@ async def run_client_async(script: str, *args: str, timeout: float = 60) -> dict
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = Server()
+    s = Server("--set", "lm.options.token_delay_s=0.05")  # answers take time: barge-in
     yield s
     s.stop()
     log = "".join(s.lines)
@@ -137,6 +140,24 @@ def test_pipecat_spoken_questions_and_truncate(server: Server, question: Path) -
 
 
 @needs_pipecat
+def test_pipecat_barge_in(server: Server, question: Path) -> None:
+    """The question spoken over a long answer: speech_started, the answer's response.done
+    cancelled (Pipecat treats it as an interruption), Pipecat's truncate of the part it
+    received is accepted, and the question is answered."""
+    long = " ".join(f"word{i}" for i in range(30))
+    r = run_client("pipecat_client.py", *common(server), "--mode", "bargein",
+                   "--text", long, "--wav", str(question))
+    assert [x["status"] for x in r["responses"]] == ["cancelled", "completed"]
+    t = r["event_types"]
+    assert t.index("input_audio_buffer.speech_started") < t.index("response.done")
+    assert "conversation.item.truncate" in r["sent_types"]
+    assert "conversation.item.truncated" in t
+    heard, answer = r["transcript"].split("I heard ")
+    assert heard.startswith("You") and len(heard.split()) < 20, heard  # cut short
+    assert answer.endswith("seconds of speech.")
+
+
+@needs_pipecat
 async def test_pipecat_function_call_round_trip(tmp_path: Path) -> None:
     """A tool declared in Pipecat's context reaches the session; the server's LM calls it;
     Pipecat runs its registered function after conversation.item.added for the call and
@@ -193,6 +214,24 @@ def test_livekit_spoken_question(server: Server, question: Path) -> None:
     assert 1.5 <= seconds <= 3.0, turn
     assert r["event_types"].index("input_audio_buffer.speech_stopped") < r[
         "event_types"].index("response.created")
+
+
+@needs_livekit
+def test_livekit_interrupt_truncate_delete(server: Server) -> None:
+    """interrupt() at the answer's first audio frame (response.cancel): the response ends
+    cancelled with its audio cut short; truncate at 40 ms is answered; truncate at 0 ms
+    (LiveKit sends conversation.item.delete) is answered; the session then answers again."""
+    long = " ".join(f"word{i}" for i in range(30))
+    r = run_client("livekit_client.py", *lk_common(server), "--mode", "interrupt",
+                   "--text", long)
+    assert [x["status"] for x in r["responses"]] == ["cancelled", "completed"]
+    first, second = r["turns"]
+    assert first["interrupted"] and len(first["text"].split()) < 20, first
+    for sent, answer in (("response.cancel", "response.done"),
+                         ("conversation.item.truncate", "conversation.item.truncated"),
+                         ("conversation.item.delete", "conversation.item.deleted")):
+        assert sent in r["sent_types"] and answer in r["event_types"]
+    assert second["text"] == "You said: again"
 
 
 @needs_livekit

@@ -9,6 +9,9 @@ LiveKit opens its own aiohttp session when no job context exists. One turn per r
   ``metadata.client_event_id`` and fails after 10 s unless ``response.created`` echoes it);
 * ``audio``: a 16 kHz mono wav goes in through ``push_audio`` (LiveKit resamples to 24 kHz),
   then silence; the server's VAD starts the generation;
+* ``interrupt``: a text turn; at the answer's first audio frame ``interrupt()`` (a
+  ``response.cancel``), then ``truncate`` of the message at 40 ms, then at 0 ms (LiveKit
+  sends ``conversation.item.delete`` for that), then a second text turn;
 * ``tool``: a ``get_weather`` function tool; its call comes out of the generation's
   ``function_stream``; its output goes back through ``update_chat_ctx`` and a second
   ``generate_reply``, as ``AgentSession`` does.
@@ -62,6 +65,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: list[dict[str, Any]] = []
     ready = asyncio.Event()
     progress = asyncio.Event()  # set when a turn's streams end
+    arrived = asyncio.Event()  # set at each server event
     turns: list[dict[str, Any]] = []
     consumers: list[asyncio.Task[None]] = []
 
@@ -78,6 +82,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             problems.append(f"error event: {e.get('error')}")
         if kind == "session.updated":
             ready.set()
+        arrived.set()
+        if not str(kind).endswith(".delta"):
+            timeline.append(f"{time.monotonic() - t_start:7.3f} < {kind}")
 
     def on_error(err: Any) -> None:
         problems.append(f"LiveKit error: {getattr(err, 'error', err)}")
@@ -89,6 +96,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def message(msg: Any) -> None:
             turn["messages"] += 1
+            turn.setdefault("message_ids", []).append(msg.message_id)
 
             async def text() -> None:
                 async for t in msg.text_stream:
@@ -98,11 +106,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async for f in msg.audio_stream:
                     turn["audio_bytes"] += len(bytes(f.data.cast("B")))
                     turn["sample_rate"] = f.sample_rate
+                    if args.mode == "interrupt" and len(turns) == 1 and not turn.get(
+                            "interrupted"):
+                        turn["interrupted"] = True
+                        session.interrupt()
 
             await asyncio.gather(text(), audio())
 
         async def messages() -> None:
-            await asyncio.gather(*[message(m) async for m in gen.message_stream])
+            tasks = []
+            async for m in gen.message_stream:  # each message read as it streams
+                tasks.append(asyncio.ensure_future(message(m)))
+            await asyncio.gather(*tasks)
 
         async def functions() -> None:
             async for fc in gen.function_stream:
@@ -115,9 +130,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     def on_generation(gen: Any) -> None:
         consumers.append(asyncio.ensure_future(consume(gen)))
 
+    t_start = time.monotonic()
+    timeline: list[str] = []  # both directions, deltas and appends left out
+    sent: list[str] = []
+
+    def on_sent(e: Any) -> None:
+        kind = e.get("type") if isinstance(e, dict) else getattr(e, "type", None)
+        sent.append(str(kind))
+        if kind != "input_audio_buffer.append":
+            timeline.append(f"{time.monotonic() - t_start:7.3f} > {kind}")
+
+    session.on("openai_client_event_queued", on_sent)
     session.on("openai_server_event_received", on_event)
     session.on("error", on_error)
     session.on("generation_created", on_generation)
+
+    async def seen(kind: str) -> None:
+        while not any(r["type"] == kind for r in raw):
+            arrived.clear()
+            await arrived.wait()
+
+    async def text_turn(text: str) -> None:
+        ctx = session.chat_ctx.copy()
+        ctx.add_message(role="user", content=text)
+        await session.update_chat_ctx(ctx)
+        await session.generate_reply()
 
     async def finished(n: int) -> None:
         while len(turns) < n or not all(t.get("done") for t in turns[:n]):
@@ -147,11 +184,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         return {"sky": "sunny"}
 
                     await session.update_tools([get_weather])
-                ctx = session.chat_ctx.copy()
-                ctx.add_message(role="user", content=args.text)
-                await session.update_chat_ctx(ctx)
-                await session.generate_reply()
+                await text_turn(args.text)
                 await finished(1)
+                if args.mode == "interrupt":
+                    message_id = turns[0]["message_ids"][0]
+                    session.truncate(message_id=message_id, modalities=["audio"],
+                                     audio_end_ms=40)
+                    await seen("conversation.item.truncated")
+                    session.truncate(message_id=message_id, modalities=["audio"],
+                                     audio_end_ms=0)
+                    await seen("conversation.item.deleted")
+                    await text_turn("again")
+                    await finished(2)
                 if args.mode == "tool":
                     fcs = turns[0]["function_calls"]
                     if not fcs:
@@ -186,6 +230,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                              if r["type"] == "response.created"],
         "turns": [{k: v for k, v in t.items() if k != "function_calls"} for t in turns],
         "function_calls": calls,
+        "sent_types": sent,
+        "timeline": timeline,
         "audio_seconds": round(sum(t["audio_bytes"] for t in turns) / 2 / 24000, 3),
         "seconds": round(time.monotonic() - t0, 3),
     }
@@ -196,7 +242,7 @@ def main() -> int:
     p.add_argument("--base-url", required=True, help="http://HOST:PORT/v1")
     p.add_argument("--model", default="echo")
     p.add_argument("--api-key", default="unused")
-    p.add_argument("--mode", choices=("text", "audio", "tool"), default="text")
+    p.add_argument("--mode", choices=("text", "audio", "interrupt", "tool"), default="text")
     p.add_argument("--text", default="hello there")
     p.add_argument("--wav")
     p.add_argument("--timeout", type=float, default=30.0)

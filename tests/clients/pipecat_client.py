@@ -7,6 +7,8 @@ imports pipecat, never omniframe. One turn per run, chosen by ``--mode``:
   a ``conversation.item.create`` and ask for a response (audio and its transcript);
 * ``audio``: a 16 kHz mono wav (an espeak-ng question) goes in as ``InputAudioRawFrame``
   chunks (Pipecat resamples them to 24 kHz), then silence; the server's VAD ends the turn;
+* ``bargein``: a text turn as above; at the answer's first audio delta the wav goes in:
+  the server's VAD cancels the answer, Pipecat truncates it, the speech is answered;
 * ``tool``: the context also declares a ``get_weather`` tool that Pipecat answers with
   ``{"sky": "sunny"}``; the run waits for the answer after the tool's result.
 
@@ -64,12 +66,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipecat.workers.runner import WorkerRunner
 
     known = set(events._server_event_types)
+    t_start = time.monotonic()
+    timeline: list[str] = []  # both directions, deltas and appends left out
     raw: list[dict[str, Any]] = []
     problems: list[str] = []
     session_ready = asyncio.Event()
     finished = asyncio.Event()
     progress = asyncio.Event()  # set at each response.done
-    want_done = 2 if args.mode == "tool" else args.turns if args.mode == "audio" else 1
+    want_done = {"tool": 2, "bargein": 2, "audio": args.turns}.get(args.mode, 1)
+    first_audio = asyncio.Event()
     parse = events.parse_server_event
 
     def strict_parse(message: str) -> Any:
@@ -77,6 +82,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         kind = e.get("type")
         raw.append({k: v for k, v in e.items() if k != "delta" or kind != (
             "response.output_audio.delta")})
+        if not kind.endswith(".delta"):
+            timeline.append(f"{time.monotonic() - t_start:7.3f} < {kind}")
         if kind not in known:
             problems.append(f"unknown server event type {kind!r} (Pipecat ignores it)")
         if kind == "error":
@@ -89,6 +96,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise
         if kind == "session.updated":
             session_ready.set()
+        if kind == "response.output_audio.delta":
+            first_audio.set()
         if kind == "response.done":
             progress.set()
             if n_done() >= want_done:
@@ -146,6 +155,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     async def record_send(message: dict[str, Any]) -> None:
         sent.append({k: v for k, v in message.items() if k != "audio"})
+        if message.get("type") != "input_audio_buffer.append":
+            timeline.append(f"{time.monotonic() - t_start:7.3f} > {message.get('type')}")
         await ws_send(message)
 
     llm._ws_send = record_send  # type: ignore[method-assign]
@@ -159,7 +170,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(session_ready.wait(), args.timeout)
-            if args.mode == "audio":
+            if args.mode == "bargein":
+                await worker.queue_frame(LLMRunFrame())
+                await asyncio.wait_for(first_audio.wait(), args.timeout)
+            if args.mode in ("audio", "bargein"):
                 pcm, rate = read_wav(args.wav)
                 pcm += bytes(2 * rate)  # 1 s of silence: the server's VAD ends the turn
                 step = 2 * rate // 10  # 100 ms frames
@@ -202,6 +216,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "audio_rms": _rms(bytes(audio)),
         "transcript": "".join(transcript),
         "function_calls": calls,
+        "timeline": timeline,
         "seconds": round(time.monotonic() - t0, 3),
     }
 
@@ -218,15 +233,15 @@ def main() -> int:
     p.add_argument("--url", required=True, help="ws://HOST:PORT/v1/realtime")
     p.add_argument("--model", default="echo", help="a served config's name")
     p.add_argument("--api-key", default="unused")
-    p.add_argument("--mode", choices=("text", "audio", "tool"), default="text")
+    p.add_argument("--mode", choices=("text", "audio", "bargein", "tool"), default="text")
     p.add_argument("--text", default="hello there", help="the user message (text, tool)")
     p.add_argument("--wav", help="16 kHz mono 16-bit question (audio)")
     p.add_argument("--turns", type=int, default=1,
                    help="audio: ask the question this many times, each after the last answer")
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args()
-    if args.mode == "audio" and not args.wav:
-        p.error("--mode audio needs --wav")
+    if args.mode in ("audio", "bargein") and not args.wav:
+        p.error(f"--mode {args.mode} needs --wav")
     try:
         result = asyncio.run(run(args))
     except Exception as exc:  # report, never a bare traceback without the JSON line
