@@ -121,6 +121,17 @@ def test_pipecat_text_turn(server: Server) -> None:
 
 
 @needs_pipecat
+def test_pipecat_text_modality(server: Server) -> None:
+    """output_modalities ["text"] in Pipecat's session properties and its response.create:
+    output_text deltas become LLMTextFrames; no audio."""
+    r = run_client("pipecat_client.py", *common(server), "--mode", "text",
+                   "--modality", "text", "--text", "the sky is blue")
+    assert r["text"] == "You said: the sky is blue"
+    assert r["audio_bytes"] == 0 and r["transcript"] == ""
+    assert "response.output_text.done" in r["event_types"]
+
+
+@needs_pipecat
 def test_pipecat_spoken_questions_and_truncate(server: Server, question: Path) -> None:
     """An espeak-ng question as 16 kHz InputAudioRawFrames (Pipecat resamples to 24 kHz),
     twice: the server's VAD answers each; at the second speech_started Pipecat truncates

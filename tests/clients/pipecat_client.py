@@ -53,6 +53,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         Frame,
         InputAudioRawFrame,
         LLMRunFrame,
+        LLMTextFrame,
         TTSAudioRawFrame,
         TTSTextFrame,
     )
@@ -111,6 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     audio = bytearray()
     transcript: list[str] = []
+    text: list[str] = []  # LLMTextFrame: the text modality's answer (and, for audio, a copy)
     calls: list[dict[str, Any]] = []
 
     class Collect(FrameProcessor):
@@ -120,6 +122,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 audio.extend(frame.audio)
             elif isinstance(frame, TTSTextFrame):
                 transcript.append(frame.text)
+            elif isinstance(frame, LLMTextFrame):
+                text.append(frame.text)
             elif isinstance(frame, ErrorFrame):
                 problems.append(f"ErrorFrame: {frame.error}")
                 finished.set()
@@ -143,7 +147,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                else LLMContext(messages=messages))  # type: ignore[arg-type]
     llm = OpenAIRealtimeLLMService(
         api_key=args.api_key, base_url=args.url,
-        settings=OpenAIRealtimeLLMService.Settings(model=args.model))
+        settings=OpenAIRealtimeLLMService.Settings(
+            model=args.model, session_properties=events.SessionProperties(
+                output_modalities=[args.modality])))
 
     async def get_weather(params: Any) -> None:
         calls.append({"name": params.function_name, "arguments": params.arguments})
@@ -215,6 +221,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "audio_seconds": round(len(audio) / 2 / 24000, 3),
         "audio_rms": _rms(bytes(audio)),
         "transcript": "".join(transcript),
+        "text": "".join(text),
         "function_calls": calls,
         "timeline": timeline,
         "seconds": round(time.monotonic() - t0, 3),
@@ -235,6 +242,8 @@ def main() -> int:
     p.add_argument("--api-key", default="unused")
     p.add_argument("--mode", choices=("text", "audio", "bargein", "tool"), default="text")
     p.add_argument("--text", default="hello there", help="the user message (text, tool)")
+    p.add_argument("--modality", choices=("audio", "text"), default="audio",
+                   help="the session's output_modalities")
     p.add_argument("--wav", help="16 kHz mono 16-bit question (audio)")
     p.add_argument("--turns", type=int, default=1,
                    help="audio: ask the question this many times, each after the last answer")
