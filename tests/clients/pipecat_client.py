@@ -54,6 +54,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         InputAudioRawFrame,
         LLMRunFrame,
         LLMTextFrame,
+        TranscriptionFrame,
         TTSAudioRawFrame,
         TTSTextFrame,
     )
@@ -112,6 +113,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     audio = bytearray()
     transcript: list[str] = []
+    heard: list[str] = []  # input audio transcription
     text: list[str] = []  # LLMTextFrame: the text modality's answer (and, for audio, a copy)
     calls: list[dict[str, Any]] = []
 
@@ -137,6 +139,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 finished.set()
             await self.push_frame(frame, direction)
 
+    class Heard(FrameProcessor):  # between the user aggregator and the service
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TranscriptionFrame):  # the user's speech, upstream
+                heard.append(frame.text)
+            await self.push_frame(frame, direction)
+
     tools = None
     if args.mode == "tool":
         tools = ToolsSchema(standard_tools=[FunctionSchema(
@@ -149,7 +158,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         api_key=args.api_key, base_url=args.url,
         settings=OpenAIRealtimeLLMService.Settings(
             model=args.model, session_properties=events.SessionProperties(
-                output_modalities=[args.modality])))
+                output_modalities=[args.modality], instructions=args.instructions,
+                audio=events.AudioConfiguration(input=events.AudioInput(
+                    transcription=events.InputAudioTranscription()))
+                if args.transcribe else None)))
 
     async def get_weather(params: Any) -> None:
         calls.append({"name": params.function_name, "arguments": params.arguments})
@@ -167,7 +179,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     llm._ws_send = record_send  # type: ignore[method-assign]
     pair = LLMContextAggregatorPair(context)
-    pipeline = Pipeline([CatchUpstream(), pair.user(), llm, Collect(), pair.assistant()])
+    pipeline = Pipeline([CatchUpstream(), pair.user(), Heard(), llm, Collect(),
+                         pair.assistant()])
     worker = PipelineWorker(pipeline, params=PipelineParams(), idle_timeout_secs=None,
                             enable_rtvi=False)
     runner = WorkerRunner(handle_sigint=False)
@@ -222,6 +235,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "audio_rms": _rms(bytes(audio)),
         "transcript": "".join(transcript),
         "text": "".join(text),
+        "heard": heard,
         "function_calls": calls,
         "timeline": timeline,
         "seconds": round(time.monotonic() - t0, 3),
@@ -245,6 +259,9 @@ def main() -> int:
     p.add_argument("--modality", choices=("audio", "text"), default="audio",
                    help="the session's output_modalities")
     p.add_argument("--wav", help="16 kHz mono 16-bit question (audio)")
+    p.add_argument("--transcribe", action="store_true",
+                   help="ask for input audio transcription (TranscriptionFrames)")
+    p.add_argument("--instructions", help="the session's instructions")
     p.add_argument("--turns", type=int, default=1,
                    help="audio: ask the question this many times, each after the last answer")
     p.add_argument("--timeout", type=float, default=30.0)
