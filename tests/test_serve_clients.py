@@ -108,17 +108,27 @@ needs_pipecat = pytest.mark.skipif(not has("pipecat.services.openai.realtime.llm
 def test_pipecat_text_turn(server: Server) -> None:
     """Pipecat sends its context's user message as an item with its own id (echoed in
     conversation.item.added), waits for session.updated, asks for a response, and gets the
-    answer's audio (TTSAudioRawFrame) and transcript (TTSTextFrame)."""
+    answer's audio (TTSAudioRawFrame) and transcript (TTSTextFrame); then it retrieves
+    the answer's item and a missing one."""
     r = run_client("pipecat_client.py", *common(server), "--mode", "text",
-                   "--text", "hello there")
+                   "--text", "hello there", "--retrieve")
     assert r["sent_types"][:2] == ["session.update", "conversation.item.create"]
-    assert r["sent_types"][-1] == "response.create"
+    assert r["sent_types"][-3:] == ["response.create", "conversation.item.retrieve",
+                                    "conversation.item.retrieve"]
     assert r["sent_item_ids"] and r["sent_item_ids"][0] in r["added_item_ids"]
     assert r["event_types"].index("session.updated") < r["event_types"].index(
         "response.created")
     assert [x["status"] for x in r["responses"]] == ["completed"]
     assert r["transcript"] == "You said: hello there"
     assert r["audio_seconds"] > 0.2 and r["audio_rms"] > 0.05
+    # retrieve_conversation_item: the answer's item; a missing one fails that call only
+    # (Pipecat finds its future by the error's event_id, which must echo the client's)
+    item = r["retrieved"]["item"]
+    assert item["role"] == "assistant" and item["status"] == "completed"
+    assert item["content"][0]["transcript"] == "You said: hello there"
+    assert r["retrieved"]["missing"].startswith("Exception")
+    (err,) = r["tolerated_errors"]
+    assert err["code"] == "item_retrieve_invalid_item_id" and err["event_id"] == "rci_item_nope"
 
 
 @needs_pipecat

@@ -72,6 +72,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     timeline: list[str] = []  # both directions, deltas and appends left out
     raw: list[dict[str, Any]] = []
     problems: list[str] = []
+    tolerated: list[dict[str, Any]] = []
+    retrieved: dict[str, Any] = {}
     session_ready = asyncio.Event()
     finished = asyncio.Event()
     progress = asyncio.Event()  # set at each response.done
@@ -89,7 +91,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if kind not in known:
             problems.append(f"unknown server event type {kind!r} (Pipecat ignores it)")
         if kind == "error":
-            problems.append(f"error event: {e.get('error')}")
+            if args.retrieve and e["error"].get("code") == "item_retrieve_invalid_item_id":
+                tolerated.append(e["error"])  # Pipecat fails that retrieve, goes on
+            else:
+                problems.append(f"error event: {e.get('error')}")
         try:
             evt = parse(message)
         except Exception as exc:  # Pipecat's receive loop would end here
@@ -208,6 +213,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait_for(finished.wait(), max(1.0, args.timeout - (
                 time.monotonic() - t0)))
             await asyncio.sleep(0.3)  # let the last frames reach the collector
+            if args.retrieve:  # conversation.item.retrieve, by Pipecat's own method
+                item_id = [r["item"]["id"] for r in raw if r["type"] == (
+                    "conversation.item.added") and r["item"].get("role") == "assistant"][-1]
+                item = await asyncio.wait_for(llm.retrieve_conversation_item(item_id), 5)
+                retrieved["item"] = item.model_dump(exclude_none=True)
+                try:
+                    await asyncio.wait_for(llm.retrieve_conversation_item("item_nope"), 5)
+                except TimeoutError:
+                    retrieved["missing"] = "timed out"
+                except Exception as exc:
+                    retrieved["missing"] = f"{type(exc).__name__}: {exc}"
         except TimeoutError:
             problems.append(f"timed out after {args.timeout:.0f} s "
                             f"({len(raw)} server events received)")
@@ -236,6 +252,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "transcript": "".join(transcript),
         "text": "".join(text),
         "heard": heard,
+        "retrieved": retrieved,
+        "tolerated_errors": tolerated,
         "function_calls": calls,
         "timeline": timeline,
         "seconds": round(time.monotonic() - t0, 3),
@@ -262,6 +280,8 @@ def main() -> int:
     p.add_argument("--transcribe", action="store_true",
                    help="ask for input audio transcription (TranscriptionFrames)")
     p.add_argument("--instructions", help="the session's instructions")
+    p.add_argument("--retrieve", action="store_true",
+                   help="after the answer, retrieve its item and a missing one")
     p.add_argument("--turns", type=int, default=1,
                    help="audio: ask the question this many times, each after the last answer")
     p.add_argument("--timeout", type=float, default=30.0)
