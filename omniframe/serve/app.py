@@ -294,11 +294,6 @@ async def _session(ws: Any, served: ServedModel, settings: Settings, metrics: bo
     scope: list[anyio.CancelScope] = []
 
     async def send(event: dict[str, Any]) -> None:
-        try:
-            out_tx.send_nowait(event)
-            return
-        except anyio.WouldBlock:
-            pass
         with anyio.move_on_after(limits.send_timeout_s):
             await out_tx.send(event)
             return
