@@ -411,16 +411,26 @@ def espeak_phrases(phrases: Sequence[str], voices: Sequence[str], rates: Sequenc
     return manifest
 
 
-def synthetic(n: int, seed: int, dim: int, vocab: Sequence[str]) -> list[Record]:
-    """Seeded random records with precomputed features (tests, benchmarks): ASR + T1T2."""
+def synthetic(n: int, seed: int, dim: int, vocab: Sequence[str],
+              frames: Sequence[int] = (8, 40), words: Sequence[int] = (2, 6),
+              snac_frames: Sequence[int] | None = None) -> list[Record]:
+    """Seeded random records with precomputed features (tests, benchmarks): ASR + T1T2, and
+    the speech-out tasks too when ``snac_frames`` ([lo, hi) answer frames) is given (random
+    codes). ``frames`` and ``words`` are [lo, hi) ranges of speech frames and words."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        words = [vocab[j] for j in rng.integers(0, len(vocab), size=int(rng.integers(2, 6)))]
-        frames = int(rng.integers(8, 40))
-        out.append(Record(key=f"synthetic:{seed}:{i}", text=" ".join(words),
-                          answer=" ".join(reversed(words)),
-                          features=rng.normal(size=(frames, dim)).astype(np.float32)))
+        ws = [vocab[j] for j in rng.integers(0, len(vocab), size=int(rng.integers(*words)))]
+        nf = int(rng.integers(*frames))
+        snac = None
+        if snac_frames is not None:
+            from omniframe_mini_omni.tokens import format_answer_snac
+
+            codes = rng.integers(0, 4096, size=(int(rng.integers(*snac_frames)), 7))
+            snac = format_answer_snac(codes.tolist())
+        out.append(Record(key=f"synthetic:{seed}:{i}", text=" ".join(ws),
+                          answer=" ".join(reversed(ws)), answer_snac=snac,
+                          features=rng.normal(size=(nf, dim)).astype(np.float32)))
     return out
 
 
@@ -453,9 +463,12 @@ def load_source(spec: DatasetSpec, *, feature_dim: int = 384, seed: int = 0) -> 
                                   pitches=opts.get("pitches", [50]))
         recs = jsonl_manifest(manifest, spec.limit)
     elif src == "synthetic":
-        recs = synthetic(int(spec.options.get("n", 32)), int(spec.options.get("seed", seed)),
-                         int(spec.options.get("dim", feature_dim)),
-                         spec.options.get("vocab", ["one", "two", "three", "four", "five"]))
+        o = spec.options
+        recs = synthetic(int(o.get("n", 32)), int(o.get("seed", seed)),
+                         int(o.get("dim", feature_dim)),
+                         o.get("vocab", ["one", "two", "three", "four", "five"]),
+                         frames=o.get("frames", (8, 40)), words=o.get("words", (2, 6)),
+                         snac_frames=o.get("snac_frames"))
     else:  # pragma: no cover - the recipe schema forbids it
         raise DataError(f"unknown source {src!r}")
     if not recs:
