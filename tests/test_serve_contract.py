@@ -3,7 +3,8 @@ stream passes; each lifecycle rule has a stream that breaks it and is caught; an
 properties, dropping or repeating any lifecycle event of the good stream is caught.
 
 The checker is also run on every event of every live test (tests/test_serve*.py: the client
-side, and the server itself with --check-events)."""
+side, and the server itself with --check-events). At the end: regressions, against a live
+server, for what the third-party clients (tests/test_serve_clients.py) revealed."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import pytest
 
 pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("websockets")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from omniframe.serve.contract import ContractChecker, ContractViolation  # noqa: E402
+from tests.test_serve import Server, raw_client, server  # noqa: E402, F401
 
 AUDIO = base64.b64encode(b"\x01\x00" * 240).decode()
 
@@ -255,6 +261,11 @@ def _left_open_at_the_end(s: list[dict]) -> None:
     del s[-1]
 
 
+def _previous_item_deleted(s: list[dict]) -> None:
+    i = where(s, "conversation.item.added", 3)  # the tool output, after the call c1
+    s.insert(i, {"type": "conversation.item.deleted", "event_id": "del", "item_id": "c1"})
+
+
 BREAKAGES: dict[str, Callable[[list[dict]], None]] = {
     f.__name__.lstrip("_"): f for f in (
         _item_done_twice, _conv_item_done_twice, _conv_done_before_added,
@@ -267,7 +278,7 @@ BREAKAGES: dict[str, Callable[[list[dict]], None]] = {
         _part_index_skips, _delta_after_part_done, _delta_after_item_done,
         _stream_done_twice, _delta_after_stream_done, _part_done_before_stream_done,
         _item_done_with_part_open, _call_item_done_before_arguments_done,
-        _left_open_at_the_end)}
+        _left_open_at_the_end, _previous_item_deleted)}
 
 
 @pytest.mark.parametrize("name", sorted(BREAKAGES))
@@ -314,3 +325,50 @@ def test_an_item_may_be_added_again_after_it_was_deleted() -> None:
         {"type": "conversation.item.deleted", "event_id": "d1", "item_id": "u1"},
         dict(good_stream()[0], event_id="re1"), dict(good_stream()[1], event_id="re2")]
     assert check(s) == 5
+
+
+# ------------------------------------------- regressions found by the third-party clients
+
+
+@pytest.mark.anyio
+async def test_after_deleting_the_last_item_the_next_follows_the_one_before(
+        server: Server) -> None:  # noqa: F811
+    """LiveKit deletes items (truncate at 0 ms, chat context edits) and places the next item
+    by its previous_item_id: that must be an item still in the conversation."""
+    async with raw_client(server) as c:
+        await c.until("session.created")
+        await c.say("first")
+        first = (await c.until("conversation.item.done"))[-1]["item"]["id"]
+        await c.say("second")
+        second = (await c.until("conversation.item.done"))[-1]["item"]["id"]
+        await c.send({"type": "conversation.item.delete", "item_id": second})
+        await c.until("conversation.item.deleted", item_id=second)
+        await c.say("third")
+        added = (await c.until("conversation.item.added"))[-1]
+        assert added["previous_item_id"] == first
+        await c.send({"type": "conversation.item.delete", "item_id": added["item"]["id"]})
+        await c.send({"type": "conversation.item.delete", "item_id": first})
+        await c.until("conversation.item.deleted", item_id=first)
+        await c.say("fourth")
+        assert (await c.until("conversation.item.added"))[-1]["previous_item_id"] is None
+
+
+@pytest.mark.anyio
+async def test_a_create_with_an_existing_id_is_the_code_livekit_knows(
+        server: Server) -> None:  # noqa: F811
+    """LiveKit's update_chat_ctx takes ``item_create_duplicate_item_id`` (matched by the
+    error's event_id) as "the item is there already"; any other code fails its update."""
+    async with raw_client(server) as c:
+        await c.until("session.created")
+        item = {"id": "item_mine", "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}]}
+        await c.send({"type": "conversation.item.create", "item": item})
+        await c.until("conversation.item.done")
+        await c.send({"type": "conversation.item.create", "event_id": "dup1", "item": item})
+        err = (await c.until("error"))[-1]["error"]
+        assert err["code"] == "item_create_duplicate_item_id"
+        assert err["event_id"] == "dup1" and err["param"] == "item.id"
+        with anyio.fail_after(10):
+            await c.send({"type": "response.create"})  # the session goes on
+            done = (await c.until("response.done"))[-1]
+        assert done["response"]["status"] == "completed"

@@ -537,7 +537,9 @@ class RealtimeSession:
         kind = item.get("type", "message")
         item_id = item.get("id") if isinstance(item.get("id"), str) else P.new_id("item")
         if item_id in self.items:
-            raise ProtocolError("item_id_taken", f"an item {item_id!r} exists already",
+            # LiveKit's code for it: its update_chat_ctx takes it as "already there"
+            raise ProtocolError("item_create_duplicate_item_id",
+                                f"an item {item_id!r} exists already",
                                 param="item.id")
         if kind == "message":
             role = item.get("role", "user")
@@ -599,6 +601,8 @@ class RealtimeSession:
         if not isinstance(item_id, str) or item_id not in self.items:
             raise ProtocolError("item_delete_invalid_item_id", "no such item", param="item_id")
         del self.items[item_id]
+        if self.last_item_id == item_id:  # the next item follows the last one still there
+            self.last_item_id = next(reversed(self.items), None)
         await self.send(server_event("conversation.item.deleted", item_id=item_id))
 
     async def _on_conversation_item_truncate(self, event: dict[str, Any]) -> None:

@@ -14,7 +14,8 @@ event ids, and breaks of the lifecycle:
   ``*.done`` once, ``content_part.done`` once and before ``output_item.done``;
 * **each item closed once**: ``response.output_item.done`` once per item, after its parts
   are done, nothing of the item after it; ``conversation.item.done`` once, after
-  ``conversation.item.added`` (an item may be added again after ``conversation.item.deleted``);
+  ``conversation.item.added`` (an item may be added again after ``conversation.item.deleted``),
+  whose ``previous_item_id`` names an item still in the conversation;
   ``response.done`` only when all its items are closed; a stream that had a delta has its
   ``*.done`` before its part's ``content_part.done`` (or the call's ``output_item.done``);
   :meth:`ContractChecker.finish` finds responses and items left open at the end;
@@ -180,6 +181,10 @@ class ContractChecker:
             iid = e["item"].get("id")
             if iid in self.conv_added:
                 raise ContractViolation(f"{kind}: item {iid!r} added twice")
+            prev = e.get("previous_item_id")
+            if prev is not None and prev not in self.conv_added:
+                raise ContractViolation(f"{kind}: previous_item_id {prev!r} is not an item of "
+                                        f"the conversation (deleted, or never added)")
             self.conv_added.add(iid)
         elif kind == "conversation.item.done":
             iid = e["item"].get("id")
