@@ -57,6 +57,7 @@ def client_result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     result = json.loads(lines[-1])
     assert result["ok"], (result["problems"], proc.stderr[-3000:])
     assert proc.returncode == 0
+    assert not result["warnings"], result["warnings"]  # e.g. LiveKit: item after unknown item
     return result
 
 

@@ -41,13 +41,19 @@ def read_wav(path: str) -> tuple[bytes, int]:
         return w.readframes(w.getnframes()), w.getframerate()
 
 
-class _Errors(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
-        super().__init__(logging.ERROR)
-        self.sink = sink
+class _Log(logging.Handler):
+    """LiveKit's errors are problems; its warnings are reported."""
+
+    def __init__(self, problems: list[str], warnings: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.problems, self.warnings = problems, warnings
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(f"LiveKit logged: {record.getMessage()[:300]}")
+        message = record.getMessage()[:300]
+        if record.levelno >= logging.ERROR:
+            self.problems.append(f"LiveKit logged: {message}")
+        else:
+            self.warnings.append(message)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,7 +67,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     known = {m.model_fields["type"].annotation.__args__[0]
              for m in get_args(get_args(RealtimeServerEvent)[0])}
     problems: list[str] = []
-    logging.getLogger("livekit").addHandler(_Errors(problems))
+    warnings: list[str] = []
+    logging.getLogger("livekit").addHandler(_Log(problems, warnings))
     raw: list[dict[str, Any]] = []
     ready = asyncio.Event()
     progress = asyncio.Event()  # set when a turn's streams end
@@ -231,6 +238,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "turns": [{k: v for k, v in t.items() if k != "function_calls"} for t in turns],
         "function_calls": calls,
         "sent_types": sent,
+        "warnings": warnings,
         "timeline": timeline,
         "audio_seconds": round(sum(t["audio_bytes"] for t in turns) / 2 / 24000, 3),
         "seconds": round(time.monotonic() - t0, 3),

@@ -43,8 +43,10 @@ def read_wav(path: str) -> tuple[bytes, int]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loguru import logger
 
+    warnings: list[str] = []  # what Pipecat logs at WARNING and above
     logger.remove()  # Pipecat logs through loguru; keep stdout for the JSON line
     logger.add(sys.stderr, level="WARNING")
+    logger.add(lambda m: warnings.append(m.record["message"][:300]), level="WARNING")
 
     from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
     from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
@@ -254,6 +256,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "heard": heard,
         "retrieved": retrieved,
         "tolerated_errors": tolerated,
+        "warnings": warnings,
         "function_calls": calls,
         "timeline": timeline,
         "seconds": round(time.monotonic() - t0, 3),
