@@ -163,6 +163,21 @@ def test_pipecat_spoken_questions_and_truncate(server: Server, question: Path) -
 
 
 @needs_pipecat
+def test_pipecat_turn_detection_off(server: Server, question: Path) -> None:
+    """turn_detection False in Pipecat's session (null on the wire): no VAD events; at the
+    UserStoppedSpeakingFrame a local VAD would push, Pipecat commits and asks for the
+    response; the answer covers the whole buffer (question and silence)."""
+    r = run_client("pipecat_client.py", *common(server), "--mode", "manual",
+                   "--wav", str(question))
+    t = r["event_types"]
+    assert "input_audio_buffer.speech_started" not in t
+    assert r["sent_types"][-2:] == ["input_audio_buffer.commit", "response.create"]
+    assert t.index("input_audio_buffer.committed") < t.index("response.created")
+    seconds = float(r["transcript"].split()[2])
+    assert 3.0 <= seconds <= 4.0, r["transcript"]  # ~2.4 s of question + 1 s of silence
+
+
+@needs_pipecat
 def test_pipecat_barge_in(server: Server, question: Path) -> None:
     """The question spoken over a long answer: speech_started, the answer's response.done
     cancelled (Pipecat treats it as an interruption), Pipecat's truncate of the part it

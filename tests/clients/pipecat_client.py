@@ -7,6 +7,9 @@ imports pipecat, never omniframe. One turn per run, chosen by ``--mode``:
   a ``conversation.item.create`` and ask for a response (audio and its transcript);
 * ``audio``: a 16 kHz mono wav (an espeak-ng question) goes in as ``InputAudioRawFrame``
   chunks (Pipecat resamples them to 24 kHz), then silence; the server's VAD ends the turn;
+* ``manual``: the audio with ``turn_detection`` off (Pipecat sends null): after it, a
+  ``UserStoppedSpeakingFrame`` (what a local VAD would push) makes Pipecat send
+  ``input_audio_buffer.commit`` and ``response.create``;
 * ``bargein``: a text turn as above; at the answer's first audio delta the wav goes in:
   the server's VAD cancels the answer, Pipecat truncates it, the speech is answered;
 * ``tool``: the context also declares a ``get_weather`` tool that Pipecat answers with
@@ -46,7 +49,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     warnings: list[str] = []  # what Pipecat logs at WARNING and above
     logger.remove()  # Pipecat logs through loguru; keep stdout for the JSON line
     logger.add(sys.stderr, level="WARNING")
-    logger.add(lambda m: warnings.append(m.record["message"][:300]), level="WARNING")
+    logger.add(lambda m: warnings.append(m.record["message"][:300]), level="WARNING",
+               # advice on local VAD for turn_detection off: about the app, not the server
+               filter=lambda r: "is not emitting turn frames" not in r["message"])
 
     from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
     from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
@@ -59,6 +64,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         TranscriptionFrame,
         TTSAudioRawFrame,
         TTSTextFrame,
+        UserStartedSpeakingFrame,
+        UserStoppedSpeakingFrame,
     )
     from pipecat.pipeline.pipeline import Pipeline
     from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -167,8 +174,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             model=args.model, session_properties=events.SessionProperties(
                 output_modalities=[args.modality], instructions=args.instructions,
                 audio=events.AudioConfiguration(input=events.AudioInput(
-                    transcription=events.InputAudioTranscription()))
-                if args.transcribe else None)))
+                    transcription=events.InputAudioTranscription() if args.transcribe
+                    else None,
+                    turn_detection=False if args.mode == "manual" else None)))))
 
     async def get_weather(params: Any) -> None:
         calls.append({"name": params.function_name, "arguments": params.arguments})
@@ -199,7 +207,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.mode == "bargein":
                 await worker.queue_frame(LLMRunFrame())
                 await asyncio.wait_for(first_audio.wait(), args.timeout)
-            if args.mode in ("audio", "bargein"):
+            if args.mode == "manual":
+                await worker.queue_frame(UserStartedSpeakingFrame())
+            if args.mode in ("audio", "bargein", "manual"):
                 pcm, rate = read_wav(args.wav)
                 pcm += bytes(2 * rate)  # 1 s of silence: the server's VAD ends the turn
                 step = 2 * rate // 10  # 100 ms frames
@@ -210,6 +220,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for i in range(0, len(pcm), step):
                         await worker.queue_frame(InputAudioRawFrame(
                             audio=pcm[i:i + step], sample_rate=rate, num_channels=1))
+                if args.mode == "manual":
+                    await worker.queue_frame(UserStoppedSpeakingFrame())
             else:
                 await worker.queue_frame(LLMRunFrame())
             await asyncio.wait_for(finished.wait(), max(1.0, args.timeout - (
@@ -275,7 +287,8 @@ def main() -> int:
     p.add_argument("--url", required=True, help="ws://HOST:PORT/v1/realtime")
     p.add_argument("--model", default="echo", help="a served config's name")
     p.add_argument("--api-key", default="unused")
-    p.add_argument("--mode", choices=("text", "audio", "bargein", "tool"), default="text")
+    p.add_argument("--mode", choices=("text", "audio", "manual", "bargein", "tool"),
+                   default="text")
     p.add_argument("--text", default="hello there", help="the user message (text, tool)")
     p.add_argument("--modality", choices=("audio", "text"), default="audio",
                    help="the session's output_modalities")
@@ -289,7 +302,7 @@ def main() -> int:
                    help="audio: ask the question this many times, each after the last answer")
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args()
-    if args.mode in ("audio", "bargein") and not args.wav:
+    if args.mode in ("audio", "manual", "bargein") and not args.wav:
         p.error(f"--mode {args.mode} needs --wav")
     try:
         result = asyncio.run(run(args))
