@@ -47,7 +47,9 @@ PIPELINES: dict[str, tuple[str, list[str]]] = {
         "encoder.options.model=random://small", "encoder.options.trim=true",
         "encoder.options.dtype=bfloat16", "lm.options.model=random://mini-omni",
         "lm.options.dtype=bfloat16", "lm.options.max_new_tokens=24",
-        "codec.options.model=random://snac_24khz", "codec.options.first_chunk_frames=1"]),
+        "codec.options.model=random://snac_24khz", "codec.options.first_chunk_frames=1",
+        # SNAC adds random noise as released: off, so that answers can be compared by bytes
+        "codec.options.deterministic=true"]),
     "cascade": ("configs/cascade.yaml", []),
 }
 
