@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import struct
 import sys
 import time
 import urllib.request
@@ -115,7 +116,8 @@ async def test_items_buffer_and_audio_rate() -> None:
 async def test_per_client_cap_and_session_length() -> None:
     """--max-sessions-per-client 1: a second session from the same address is refused
     (client_session_limit_reached, 1013) while the first is open; --max-session-seconds:
-    a busy session still ends (session_expired, 1001), and its address may open another."""
+    a busy session still ends (session_expired, 1001), and its address may open another;
+    so it may after a session that ended by a TCP reset."""
     s = Server("--max-sessions-per-client", "1", "--max-session-seconds", "1.5", key=None)
     try:
         first = await _open(s.url)
@@ -134,14 +136,25 @@ async def test_per_client_cap_and_session_length() -> None:
             tg.cancel_scope.cancel()
         _error_then_close(events, rcvd, "session_expired", 1001)
         assert 1.4 < time.monotonic() - t0 < 8
-        with anyio.fail_after(10):
-            while True:  # the server notices the first one left
-                again = await websockets.connect(s.url)
-                e = json.loads(await again.recv())
-                await again.close()
-                if e["type"] == "session.created":
-                    break
-                await anyio.sleep(0.1)
+
+        async def slot_is_free() -> None:
+            with anyio.fail_after(10):
+                while True:  # noqa: ASYNC110 (the server notices the last one left)
+                    again = await websockets.connect(s.url)
+                    e = json.loads(await again.recv())
+                    await again.close()
+                    if e["type"] == "session.created":
+                        return
+                    await anyio.sleep(0.1)
+
+        await slot_is_free()
+        # an abrupt drop (TCP reset, no close frame) frees the slot too
+        sock = socket.socket()
+        sock.connect(("127.0.0.1", s.port))
+        dropped = await _open(s.url, sock=sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        dropped.transport.abort()
+        await slot_is_free()
     finally:
         s.stop()
     assert "Traceback" not in "".join(s.lines)
