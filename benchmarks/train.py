@@ -313,7 +313,7 @@ def main() -> None:
     print(f"device: {dev_name}; preset {args.preset} ({block_params(cfg) / 1e6:.1f} M block "
           f"matmul params), shape {args.shape}, micro-batch {args.micro_batch}, "
           f"{args.steps} timed steps after {args.warmup}, {args.threads} thread(s)/process")
-    print(f"model FLOPs per token: 6 N + 12 n_layer n_embd T = {fpt / 1e9:.3f} GFLOP at the mean "
+    print(f"model FLOPs per token: 6 N + 12 n_layer n_embd T = {fpt:.4g} FLOP at the mean "
           f"sequence length T = {seq or 0:.0f} (+ head at supervised positions, adapter at "
           f"speech frames); peak {peak or float('nan'):.3f} TFLOP/s ({peak_note})")
     hdr = (f"{'variant':<18} | {'tokens/s':>9} | {'positions/s':>11} | {'MFU':>7} | "
