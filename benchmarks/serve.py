@@ -30,12 +30,15 @@ Server overhead per turn (``server_overhead_ms``), paired per turn: the session 
 ``omniframe.metrics`` extension event (``?omniframe_metrics=1``), which carries the pipeline's
 own voice-to-voice (the input frame holding the last voiced audio reaching the VAD → the first
 answer audio reaching the Realtime sink, measured inside the server); ``speech_stopped``'s
-``audio_end_ms`` says which chunk held the VAD's end of speech. overhead = (first delta received
-− the moment that chunk was sent) − that pipeline v2v: the input's trip (JSON, base64,
-the socket, resampling, the audio queue) plus the output's (event, queue, JSON, socket) for the
-same turn, so the pipeline's own run-to-run noise cancels. Also, unless ``--no-inprocess``:
-the same stages in this process (``bridge.assemble``, the server's own session assembly, with
-a recording sink instead of the protocol), fed the same chunks on the same schedule; its v2v
+``audio_end_ms`` says which chunk held the VAD's end of speech (with the server's
+resampler's look-ahead: the chunk that released it). overhead = (first delta received − the
+moment that chunk was sent) − that pipeline v2v: the input's trip (JSON, base64, the socket,
+resampling, the audio queue) plus the output's (event, queue, JSON, socket) for the same turn,
+so the pipeline's own run-to-run noise cancels. The pipeline's own breakdown
+(``pipeline_ms_p50``: VAD wait, first text, first codec audio, first audio at the sink, each
+from the end of speech) is in the JSON rows. Also, unless ``--no-inprocess``: the same stages
+in this process (``bridge.assemble``, the server's own session assembly, with a recording sink
+instead of the protocol), fed the same chunks on the same schedule; its v2v
 p50 next to the server's at N = 1 is the unpaired comparison.
 
 A table (N, v2v p50/p99, real time, errors, overhead) then one JSON line last.
@@ -53,6 +56,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -68,6 +72,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "plugins"))
 
 RATE = 24000
+STAGE_KEYS = ("vad_wait_s", "first_text_s", "first_audio_codec_s", "first_audio_sink_s")
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
              "Name a fruit that is yellow.", "What color is the sky on a clear day?"]
 
@@ -144,6 +149,7 @@ class Turn:
     audio_s: float = 0.0
     play_end_t: float = 0.0
     pipeline_v2v_s: float | None = None
+    stages: dict[str, float | None] = field(default_factory=dict)  # the pipeline's own
 
     @property
     def v2v_ms(self) -> float | None:
@@ -192,7 +198,7 @@ async def run_client(url: str, key: str | None, questions: list[Question], turns
             current: list[Turn] = []  # the turn being asked / answered
             answered = asyncio.Event()
             responses: dict[str, Turn | None] = {}
-            metrics: list[float | None] = []
+            metrics: list[dict[str, Any]] = []
             sent: list[tuple[int, int, float]] = []  # (stream from, to, when sent)
 
             async def receiver() -> None:
@@ -205,7 +211,9 @@ async def run_client(url: str, key: str | None, questions: list[Question], turns
                         res.errors.append(f"{e['error'].get('code')}: "
                                           f"{e['error'].get('message')}"[:200])
                     elif kind == "input_audio_buffer.speech_stopped" and t is not None:
-                        end = int(e.get("audio_end_ms", 0)) * RATE // 1000
+                        # the sample before audio_end_ms leaves the server's resampler with
+                        # the chunk that holds the filter's look-ahead past it
+                        end = int(e.get("audio_end_ms", 0)) * RATE // 1000 + args.lag
                         t.vad_end_sent_t = next((ts for a, b, ts in reversed(sent)
                                                  if a < end <= b), None)
                     elif kind == "response.created":
@@ -233,7 +241,7 @@ async def run_client(url: str, key: str | None, questions: list[Question], turns
                             t2.done = True
                             answered.set()
                     elif kind == "omniframe.metrics":
-                        metrics.append(e.get("voice_to_voice_s"))
+                        metrics.append(e)
 
             async def microphone() -> None:
                 mic = Mic(chunk)
@@ -277,9 +285,10 @@ async def run_client(url: str, key: str | None, questions: list[Question], turns
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await recv_task
             answered_turns = [t for t in res.turns if t.first_delta_t is not None]
-            with_v2v = [m for m in metrics if m is not None]
+            with_v2v = [m for m in metrics if m.get("voice_to_voice_s") is not None]
             for t, m in zip(answered_turns, with_v2v, strict=False):
-                t.pipeline_v2v_s = m
+                t.pipeline_v2v_s = m["voice_to_voice_s"]
+                t.stages = {k: m.get(k) for k in STAGE_KEYS}
     except Exception as exc:  # a refused or broken connection is this session's error
         res.errors.append(f"{type(exc).__name__}: {exc}"[:200])
     return res
@@ -406,6 +415,22 @@ class Server:
             self.proc.wait(5)
 
 
+def _resampler_lag(config: str, overrides: list[str]) -> int:
+    """Input samples (24 kHz) the server's resampler holds back for the config's rate."""
+    from omniframe_audio.resampling import StreamResampler
+
+    from omniframe.cli import prepare_config
+    from omniframe.config import resolve_stages
+
+    cfg, label = prepare_config(config, list(overrides))
+    src = resolve_stages(cfg, label)[0]
+    rate = src.spec.options.get("sample_rate")
+    if rate is None:
+        f = src.cls.Options.model_fields.get("sample_rate")
+        rate = f.default if f is not None and isinstance(f.default, int) else 16000
+    return 0 if int(rate) == RATE else StreamResampler(RATE, int(rate)).margin
+
+
 def _device(config: str, overrides: list[str]) -> str:
     dev = "cpu"
     with contextlib.suppress(Exception):
@@ -452,10 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-timeout", type=float, default=30.0)
     ap.add_argument("--warmup", type=int, default=1,
                     help="questions asked in one session before measuring (0: none)")
+    ap.add_argument("--server-log", default=None, help="write the server's log here")
     ap.add_argument("--no-inprocess", action="store_true",
                     help="skip the in-process comparison (it loads the models here too)")
     args = ap.parse_args(argv)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
+    args.lag = _resampler_lag(args.config, args.overrides)
     sweep = ([int(s) for s in args.sweep.split(",") if s.strip()] if args.sweep
              else [args.sessions])
     questions = make_questions(QUESTIONS)
@@ -473,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     all_overhead: list[float] = []
     try:
         if args.warmup:  # the first session loads the models (the process-wide cache)
-            warm = argparse.Namespace(**{**vars(args), "turns": args.warmup})
+            warm = argparse.Namespace(**{**vars(args), "turns": args.warmup,
+                                         "turn_timeout": max(args.turn_timeout, 900.0)})
             t0 = time.monotonic()
             res = asyncio.run(run_load(url, args.api_key, 1, questions, warm))
             print(f"warm-up: {args.warmup} turn(s) in {time.monotonic() - t0:.1f} s, v2v "
@@ -495,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
                 "gaps": sum(t.gaps for t in turns), "errors": len(errors),
                 "split_turns": sum(r.extra_responses for r in results),
                 "overhead_ms_p50": _pct(over, 0.5), "overhead_ms_p99": _pct(over, 0.99),
+                # the pipeline's own breakdown (omniframe.metrics), from the end of speech
+                "pipeline_ms_p50": {k[:-2]: _pct([t.stages[k] * 1000 for t in turns
+                                                  if t.stages.get(k) is not None], 0.5)
+                                    for k in STAGE_KEYS},
                 "load": round(os.getloadavg()[0], 2),
                 "wall_s": round(time.monotonic() - t0, 1),
             })
@@ -505,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
             tb = "".join(server.lines)
+            if args.server_log:
+                Path(args.server_log).write_text(tb)
             if "Traceback" in tb:
                 print("server log:\n" + tb[-3000:], file=sys.stderr)
 
