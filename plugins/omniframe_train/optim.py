@@ -90,6 +90,8 @@ def select_trainable(gpt: nn.Module, spec: TrainableSpec) -> tuple[list[str], li
             train = spec.embedding != "none"
             if spec.embedding == "audio":
                 masks.append(RowMask(name, p, T.TEXT_VOCAB_SIZE, p.shape[0]))
+            elif spec.embedding == "audio+specials":
+                masks.append(RowMask(name, p, T.TEXT_TOKENIZER_SIZE, p.shape[0]))
             elif spec.embedding == "text":
                 masks.append(RowMask(name, p, 0, T.TEXT_VOCAB_SIZE))
         elif name.startswith("transformer.h.") or name.startswith("transformer.ln_f."):

@@ -96,12 +96,15 @@ class TrainableSpec(_Strict):
 
     ``embedding``: which rows of the tied ``wte``/``lm_head`` train: ``none``, ``audio`` (the
     7 x 4,160 audio rows; the text rows' gradient is masked and the table gets no weight
-    decay), ``text`` (rows 0..151,999), ``all``.
+    decay), ``audio+specials`` (also the 64 Mini-Omni text specials 151,936..151,999: EOT,
+    pad_t, input_t, answer_t, asr, ... which a Qwen2 backbone does not have: with them frozen
+    at their initial rows a frozen LM cannot learn to end an ASR answer), ``text`` (rows
+    0..151,999), ``all``.
     """
 
     adapter: bool = False
     blocks: bool = False  # transformer blocks + ln_f
-    embedding: Literal["none", "audio", "text", "all"] = "none"
+    embedding: Literal["none", "audio", "audio+specials", "text", "all"] = "none"
 
 
 class LossSpec(_Strict):

@@ -189,3 +189,25 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         grads.append(gpt.transformer.h[0].attn.attn.weight.grad.clone())
         assert set(gpt.state_dict()) == set(GPT(gpt.config).state_dict())  # keys unchanged
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_audio_plus_specials_trains_eot_row_only_beyond_qwen_rows() -> None:
+    """``audio+specials``: the Qwen rows stay bit-identical, the EOT row (a Mini-Omni special,
+    supervised at the end of every ASR answer) and the audio rows move."""
+    gpt = GPT(Config.from_name("tiny", whisper_adapter_dim=16))
+    gpt.init_weights(torch.Generator().manual_seed(0))
+    _, masks = select_trainable(gpt, TrainableSpec(adapter=True, embedding="audio+specials"))
+    before = gpt.transformer.wte.weight.detach().clone()
+    model = TrainModel(gpt)
+    opt = make_optimizer(model, OptimSpec(lr=1e-2, weight_decay=0.1), "foreach")
+    rng = np.random.default_rng(0)
+    b = collate([build_sample("ASR", answer_ids=[3, 4], n_frames=5,
+                              features=rng.normal(size=(5, 16)).astype(np.float32))], 16)
+    sums, counts, _ = model(b["input_ids"], b["labels"], b["features"], b["whisper_lens"])
+    combine(sums, counts, stream_weights()).backward()
+    for m in masks:
+        m.apply()
+    opt.step()
+    after = gpt.transformer.wte.weight.detach()
+    assert torch.equal(before[: T.TEXT_TOKENIZER_SIZE], after[: T.TEXT_TOKENIZER_SIZE])
+    assert not torch.equal(before[T.EOT], after[T.EOT])
