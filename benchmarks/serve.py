@@ -174,7 +174,8 @@ class SessionResult:
     @property
     def realtime(self) -> bool:
         return (not self.errors and bool(self.turns)
-                and all(t.done and t.status == "completed" and not t.gaps for t in self.turns))
+                and all(t.done and t.status in ("completed", "incomplete") and not t.gaps
+                        for t in self.turns))  # incomplete: the answer hit max tokens
 
 
 async def run_client(url: str, key: str | None, questions: list[Question], turns: int,
