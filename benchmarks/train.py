@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -109,6 +110,8 @@ def make_recipe(tmp: Path, tag: str, args: argparse.Namespace, nproc: int, strat
         "threads": args.threads,
     }
     over = variant_overrides(variant, args.device)
+    if variant != "baseline":  # no final checkpoint + export (GBs at the released size)
+        data["checkpoint"]["at_end"] = False
     if peak and "perf" in over:
         over["perf"]["peak_tflops"] = peak
     data.update(over)
@@ -148,6 +151,7 @@ def run_one(tmp: Path, tag: str, recipe: Path, nproc: int, torchrun: bool,
 
     rows = list(csv.DictReader((tmp / tag / "train.csv").open()))
     summary = json.loads((tmp / tag / "summary.json").read_text())
+    shutil.rmtree(tmp / tag, ignore_errors=True)  # checkpoints of a baseline run: GBs
     return {"rows": rows, "summary": summary, "wall_s": time.perf_counter() - t0}
 
 

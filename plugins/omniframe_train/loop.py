@@ -380,13 +380,14 @@ def _run(recipe: Recipe, env: DistEnv, echo: Callable[[str], None]) -> dict[str,
     train_s = time.perf_counter() - t_start
     final_step = max(step + 1, start_step) if recipe.steps > start_step else start_step
     # ---------------------------------------------------------------- finish
-    if recipe.steps > start_step:
+    at_end = recipe.checkpoint.at_end
+    if recipe.steps > start_step and at_end:
         ckpt.save(ck_root, final_step, model, optimizer,
                   {"epoch": epoch, "batch": batch_idx + 1}, env, recipe.checkpoint.keep)
     final_eval = run_eval(final_step) if recipe.steps > start_step or not last_eval else last_eval
-    full = ckpt.full_model_state(model)
+    full = ckpt.full_model_state(model) if at_end else {}
     export_path = None
-    if env.is_main:
+    if env.is_main and at_end:
         from omniframe_mini_omni.model import GPT
 
         fresh = GPT(config)

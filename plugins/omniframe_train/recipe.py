@@ -172,6 +172,7 @@ class CheckpointSpec(_Strict):
     every: int = 0  # 0: only at the end
     keep: int = 2
     resume: Literal["auto", "never"] = "auto"
+    at_end: bool = True  # the final checkpoint and the export (benchmarks turn them off)
 
 
 class Recipe(_Strict):

@@ -50,9 +50,13 @@ def test_fast_path_matches_plain_curve(tmp_path: Path, tokenizer_file: Path) -> 
         assert b == pytest.approx(a, rel=0.03)
     comp = _curve(tmp_path, tokenizer_file, "comp", steps=2,
                   perf={**FAST, "compile": True, "compile_backend": "eager"},
-                  precision="fp32")
+                  precision="fp32", checkpoint={"at_end": False})
     for a, b in zip(plain[:2], comp, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+    # checkpoint.at_end false (benchmarks): no final checkpoint, no export
+    assert not (tmp_path / "comp" / "run" / "export").exists()
+    assert not (tmp_path / "comp" / "run" / "checkpoints").exists()
+    assert (tmp_path / "plain" / "run" / "export" / "lit_model.pth").is_file()
 
 
 def test_indexed_loss_equals_mask_loss() -> None:
