@@ -25,7 +25,7 @@ FRAMES = [[100 + f + i for i in range(7)] for f in range(4)]
 
 
 @pytest.mark.parametrize("stage,groups", [
-    (1, (True, False, "audio")), (2, (False, True, "text")), (3, (True, True, "all"))])
+    (1, (True, False, "audio+specials")), (2, (False, True, "text")), (3, (True, True, "all"))])
 def test_stage_recipes(stage: int, groups: tuple) -> None:
     r = load_recipe(ROOT / "configs" / "train" / f"stage{stage}.yaml")
     t = r.trainable
