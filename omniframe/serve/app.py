@@ -63,6 +63,7 @@ class Settings:
     max_sessions_per_client: int = 0  # per client address (0: no limit)
     shutdown_grace_s: float = 10.0  # on shutdown, answers in flight may finish this long
     static_dir: Path | None = None  # the browser page's files (None: the package's own)
+    warm_up: bool = True  # load every served config's models before listening
 
 
 @dataclass
@@ -422,6 +423,17 @@ def run_server(served: dict[str, ServedModel], settings: Settings, host: str, po
     server = _Server(config)
 
     async def main() -> None:
+        if settings.warm_up:
+            from omniframe.serve.bridge import warm_up
+
+            for model in served.values():
+                try:
+                    seconds = await warm_up(model)
+                except Exception as exc:  # a model that cannot load: say so now, not per session
+                    log.error("cannot load the models of a served config", model=model.name,
+                              config=model.label, error=f"{type(exc).__name__}: {exc}"[:1000])
+                    raise SystemExit(1) from None
+                log.info("models loaded", model=model.name, seconds=round(seconds, 2))
         task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no event)
             await asyncio.sleep(0.02)

@@ -138,6 +138,27 @@ def load_served(paths: list[str], overrides: list[str] | None = None) -> dict[st
     return out
 
 
+async def warm_up(served: ServedModel) -> float:
+    """Set up (then tear down) the stages of ``served`` once, so that its models are in the
+    process-wide cache before the first session: that session's first answer does not wait for
+    them. Returns the seconds it took; a stage that cannot set up raises its error."""
+    pipeline = assemble(served)
+    done: list[Stage] = []
+    t0 = time.perf_counter()
+    try:
+        for stage in pipeline.stages[1:-1]:  # not the socket's source and sink
+            await stage.setup()
+            done.append(stage)
+    finally:
+        for stage in reversed(done):
+            try:
+                await stage.teardown()
+            except Exception as exc:  # noqa: BLE001 (the models stay loaded; say what failed)
+                log.warning("warm-up teardown failed", stage=stage.context.name,
+                            error=str(exc)[:300])
+    return time.perf_counter() - t0
+
+
 def assemble(served: ServedModel) -> Any:
     """A session's pipeline: :class:`LiveSource`, the config's stages other than its source
     and sinks, :class:`RealtimeSink`; a new conversation, models from the process cache.

@@ -64,6 +64,9 @@ def _loopback(host: str) -> bool:
               help="Browser Origin allowed besides the server's own (repeat).")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
               help="Override a value in every served config.")
+@click.option("--warm-up/--no-warm-up", default=True, show_default=True,
+              help="Load every config's models before listening (else the first session "
+                   "of each waits for them; a model that cannot load fails at once).")
 @click.option("--check-events", is_flag=True,
               help="Check every emitted event against the openai SDK's types (debugging).")
 def serve(configs: tuple[str, ...], host: str, port: int, api_key: str | None,
@@ -71,7 +74,7 @@ def serve(configs: tuple[str, ...], host: str, port: int, api_key: str | None,
           max_message_bytes: int, max_buffer_seconds: float, max_items: int,
           max_audio_rate: float, audio_burst_seconds: float, max_sessions_per_client: int,
           send_timeout_seconds: float, shutdown_grace_seconds: float, workers: int,
-          allow_origins: tuple[str, ...], overrides: tuple[str, ...],
+          allow_origins: tuple[str, ...], overrides: tuple[str, ...], warm_up: bool,
           check_events: bool) -> None:
     """Serve pipeline CONFIGs over the OpenAI Realtime API (WebSocket /v1/realtime).
 
@@ -103,7 +106,7 @@ def serve(configs: tuple[str, ...], host: str, port: int, api_key: str | None,
     settings = Settings(api_key=api_key, limits=limits, max_sessions=max_sessions,
                         allow_origins=allow_origins, check_events=check_events,
                         max_sessions_per_client=max_sessions_per_client,
-                        shutdown_grace_s=shutdown_grace_seconds)
+                        shutdown_grace_s=shutdown_grace_seconds, warm_up=warm_up)
     if workers > 1:
         del served  # checked; each worker loads its own
         _run_workers(list(configs), list(overrides), settings, host, port, workers)
