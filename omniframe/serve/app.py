@@ -24,15 +24,24 @@ Over HTTP: ``/`` is the browser page (``omniframe/serve/static/``: only the regu
 found there at start-up are served, each with a Content-Security-Policy and ``nosniff``),
 ``/v1/models`` lists the served configs (OpenAI's list shape; it needs the API key when one
 is set) and ``/health`` answers without one.
+
+Client secrets (as OpenAI's ``POST /v1/realtime/client_secrets``): a backend holding the API
+key mints a short-lived key (``ek_...``, 10 s to 2 h, default 10 min) and hands it to a
+browser, which opens sessions with it (Bearer or the ``openai-insecure-api-key.``
+subprotocol) until it expires, without ever seeing the API key. Secrets are signed with the
+API key (HMAC-SHA256), not stored: every worker and every server behind a load balancer that
+has the same key accepts them. A secret cannot mint secrets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +112,46 @@ def _offered_key(ws: Any) -> tuple[str | None, list[str]]:
     return None, protocols
 
 
+SECRET_PREFIX = "ek_"
+SECRET_TTL_S = (10, 7200, 600)  # min, max, default seconds (OpenAI's bounds)
+
+
+def mint_secret(api_key: str, seconds: float, now: float | None = None) -> tuple[str, int]:
+    """A client secret valid for ``seconds``: ``ek_<expiry>.<nonce>.<signature>``."""
+    expires = int((time.time() if now is None else now) + seconds)
+    payload = f"{expires}.{secrets.token_urlsafe(12)}"
+    return f"{SECRET_PREFIX}{payload}.{_sign(api_key, payload)}", expires
+
+
+def _sign(api_key: str, payload: str) -> str:
+    return hmac.new(api_key.encode(), payload.encode(), hashlib.sha256).hexdigest()[:40]
+
+
+def secret_ok(api_key: str, token: str, now: float | None = None) -> bool:
+    """Whether ``token`` is a secret minted with ``api_key`` that has not expired."""
+    if not token.startswith(SECRET_PREFIX) or len(token) > 200:
+        return False
+    parts = token[len(SECRET_PREFIX):].split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 12:
+        return False
+    expires, nonce, sig = parts
+    if not hmac.compare_digest(sig.encode(), _sign(api_key, f"{expires}.{nonce}").encode()):
+        return False
+    return int(expires) > (time.time() if now is None else now)
+
+
+def key_ok(settings: Settings, key: str | None, *, secrets_too: bool = True) -> bool:
+    """The API key (or, with ``secrets_too``, a valid client secret); True without a key."""
+    api_key = settings.api_key
+    if api_key is None:
+        return True
+    if key is None:
+        return False
+    if hmac.compare_digest(key.encode(), api_key.encode()):
+        return True
+    return secrets_too and secret_ok(api_key, key)
+
+
 def _origin_ok(ws: Any, allowed: tuple[str, ...]) -> bool:
     origin = ws.headers.get("origin")
     if origin is None:  # not a browser (the SDK sends none): the API key is the guard
@@ -170,11 +219,10 @@ def create_app(served: dict[str, ServedModel], settings: Settings,
 
     async def realtime(ws: WebSocket) -> None:
         key, protocols = _offered_key(ws)
-        if settings.api_key is not None and (
-                key is None or not hmac.compare_digest(key.encode(), settings.api_key.encode())):
+        if not key_ok(settings, key):
             log.info("session refused: bad or missing API key", client=str(ws.client))
-            await deny(ws, 401, "invalid_api_key", "missing or wrong API key (send "
-                       "Authorization: Bearer <key>)")
+            await deny(ws, 401, "invalid_api_key", "missing, wrong or expired API key or "
+                       "client secret (send Authorization: Bearer <key>)")
             return
         if not _origin_ok(ws, settings.allow_origins):
             await deny(ws, 403, "origin_not_allowed", "this Origin may not open sessions")
@@ -232,15 +280,49 @@ def create_app(served: dict[str, ServedModel], settings: Settings,
         return JSONResponse({"status": "ok", "models": list(served),
                              "sessions": state["sessions"], "pid": os.getpid()})
 
+    def http_error(status: int, code: str, message: str) -> Any:
+        return JSONResponse({"error": {"type": "invalid_request_error", "code": code,
+                                       "message": message}}, status_code=status,
+                            headers={"www-authenticate": "Bearer"} if status == 401 else None)
+
     async def models(request: Any) -> Any:
-        if settings.api_key is not None:
-            key, _ = _offered_key(request)
-            if key is None or not hmac.compare_digest(key.encode(), settings.api_key.encode()):
-                return JSONResponse({"error": {
-                    "type": "invalid_request_error", "code": "invalid_api_key",
-                    "message": "missing or wrong API key (send Authorization: Bearer <key>)"}},
-                    status_code=401, headers={"www-authenticate": "Bearer"})
+        if not key_ok(settings, _offered_key(request)[0]):
+            return http_error(401, "invalid_api_key", "missing or wrong API key (send "
+                              "Authorization: Bearer <key>)")
         return JSONResponse(_models_list(served), headers={"cache-control": "no-store"})
+
+    async def client_secrets(request: Any) -> Any:
+        """Mint a short-lived client secret (OpenAI's request and response shapes)."""
+        if settings.api_key is None:
+            return http_error(400, "no_api_key", "this server has no API key: sessions need "
+                              "no secret (start it with --api-key to use client secrets)")
+        if not key_ok(settings, _offered_key(request)[0], secrets_too=False):
+            return http_error(401, "invalid_api_key", "minting a client secret needs the API "
+                              "key itself (Authorization: Bearer <key>), not a secret")
+        raw = await request.body()
+        if len(raw) > 64 * 1024:
+            return http_error(413, "request_too_large", "the request body is over 64 KiB")
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            return http_error(400, "invalid_json", "the request body is not JSON")
+        lo, hi, default = SECRET_TTL_S
+        after = body.get("expires_after", {}) if isinstance(body, dict) else None
+        seconds = after.get("seconds", default) if isinstance(after, dict) else None
+        if (not isinstance(seconds, int | float) or isinstance(seconds, bool)
+                or not lo <= seconds <= hi):
+            return http_error(400, "invalid_expires_after", f"expires_after.seconds must be "
+                              f"a number from {lo} to {hi} (default {default})")
+        session = body.get("session", {}) if isinstance(body, dict) else {}
+        model = session.get("model", default_model) if isinstance(session, dict) else None
+        if model not in served:
+            return http_error(400, "model_not_found", f"no served model {str(model)[:80]!r}; "
+                              f"served: {', '.join(served)}")
+        value, expires = mint_secret(settings.api_key, seconds)
+        log.info("client secret minted", seconds=seconds, model=model)
+        return JSONResponse({"value": value, "expires_at": expires,
+                             "session": {"type": "realtime", "model": model}},
+                            headers={"cache-control": "no-store"})
 
     files = static_files(settings.static_dir or STATIC_DIR)
     contents = {name: f.read_bytes() for name, f in files.items()}
@@ -269,6 +351,8 @@ def create_app(served: dict[str, ServedModel], settings: Settings,
     return Starlette(routes=[WebSocketRoute("/v1/realtime", realtime),
                              Route("/health", health),
                              Route("/v1/models", models),
+                             Route("/v1/realtime/client_secrets", client_secrets,
+                                   methods=["POST"]),
                              Route("/", index),
                              Route("/static/{name}", static)])
 
