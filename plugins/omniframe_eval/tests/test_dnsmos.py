@@ -6,7 +6,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-
 from omniframe_eval.judges import Dnsmos, JudgeUnavailable
 from omniframe_eval.report import _speech_quality
 
