@@ -53,6 +53,10 @@ def questions(tmp_path_factory) -> dict[str, Path]:
             "paused": _write(d / "paused.wav", np.concatenate([lead, head, pause, tail]))}
 
 
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 async def _run(wav: Path, out: Path, tentative_ms: float | None):
     cfg = load_config(CONFIG, [
         f"source.options.path={wav}", f"wav.options.path={out}",
@@ -64,7 +68,7 @@ async def _run(wav: Path, out: Path, tentative_ms: float | None):
     ])
     pipeline = build_pipeline(cfg)
     result = await pipeline.run()
-    return result, pipeline.stages[0].context.session, out.read_bytes()
+    return result, pipeline.stages[0].context.session, _read(out)
 
 
 @pytest.mark.parametrize("which", ["plain", "paused"])
