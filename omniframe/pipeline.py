@@ -338,7 +338,7 @@ class _Runner:
                     await self.emit(frame)
 
     async def _settled(self, frame: Frame) -> Frame | None:
-        """Preemptive turns: None for a frame of a retracted turn; at the last stage, a frame
+        """Preemptive turns: None for a frame of a retracted turn; at the first sink, a frame
         of a tentative turn waits until the VAD confirms (the frame) or retracts it (None).
         The user's side (input audio, the speech start) is never held or dropped: a speech
         start of a retracted turn goes on with the number the speech continued under."""
