@@ -60,14 +60,9 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    from mini_omni import _cpu  # benchmarks/mini_omni.py: the CPU's model name
+
+    return _cpu()
 
 
 def solo_step_ms(model: Any, steps: int) -> float:

@@ -174,6 +174,16 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tentative-ms", type=float, default=150)
     args = ap.parse_args()
+    unknown = sorted(set(args.pipelines.split(",")) - set(PIPELINES))
+    if unknown:
+        ap.error(f"unknown pipeline(s) {', '.join(unknown)}; choose from {', '.join(PIPELINES)}")
+    try:
+        if any(int(p) < 0 for p in args.pauses.split(",")):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--pauses must be comma-separated milliseconds >= 0, got {args.pauses!r}")
+    if not 1 <= args.questions <= len(QUESTIONS) or args.repeats < 1:
+        ap.error(f"--questions must be 1..{len(QUESTIONS)} and --repeats >= 1")
     from omniframe.logging import configure_logging
 
     configure_logging(os.environ.get("BENCH_LOG", "warning"))

@@ -280,3 +280,22 @@ async def test_backlog_option_is_checked(fake):
             assert [x async for x in req] == [f"a:{i}" for i in range(30)]
     finally:
         engine.close()
+
+
+async def test_a_stalled_request_cancelled_frees_its_slot(fake):
+    """A consumer that stops taking items (its request paused by backpressure) and then leaves
+    (a client gone): the request is released and its slot freed, nothing hangs."""
+    engine = Engine(fake, capacity=1, device="cpu", max_backlog=2)
+    try:
+        async with engine.submit(("gone", 50, 1)) as req:
+            while req.backlog < 2:  # noqa: ASYNC110 (the backlog is the engine's counter)
+                await asyncio.sleep(0.005)
+            steps = engine.steps
+            await asyncio.sleep(0.05)
+            assert engine.steps == steps  # paused, not decoding
+        assert req.finished and engine.active == 0 and fake.released == [req.id]
+        # the freed slot serves the next request in full
+        items, _ = await collect(engine, ("next", 3, 1))
+        assert items == ["next:0", "next:1", "next:2"]
+    finally:
+        engine.close()
