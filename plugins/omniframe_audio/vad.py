@@ -22,6 +22,13 @@ audio at its own sample rate. Per chunk:
   again); if speech resumes first, :class:`EndRetractedFrame` makes every stage drop the turn
   and the speech goes on as a new turn number, whose end is decided as usual. So the answer
   that reaches the sink is, in every case, the one to the audio a run without preemption sends.
+* end-of-turn model (``end_of_turn: smart_turn``): after ``end_of_turn_after_ms`` of unvoiced
+  audio in a turn, :mod:`~omniframe_audio.smart_turn` reads the turn's audio; if it says the
+  user has finished (probability >= ``end_of_turn_threshold``) the turn ends there, else the
+  VAD waits for more speech or for ``hangover_ms``, which is then the longest wait (set it
+  long: 1-3 s). The model is asked once per pause; a pause whose speech resumes is asked again
+  at its own end. ``SpeechEndFrame.pts`` is the end of speech either way, so the time the
+  decision took is ``ts`` of the frame minus ``speech_end_ts``.
 
 Input at another rate than the backend needs is resampled on the fly
 (:class:`~omniframe_audio.resampling.StreamResampler`); the turn audio keeps the input rate.
@@ -83,6 +90,28 @@ class VADOptions(StageOptions):
         "post_roll_ms), send a tentative end so that the answer starts during the hangover; "
         "held until the hangover confirms it, dropped if speech resumes. None: off")
 
+    end_of_turn: Literal["silence", "smart_turn"] = Field(
+        "silence", description="what ends a turn: silence (hangover_ms of it), or smart_turn: "
+        "the Smart Turn v3 model, asked after end_of_turn_after_ms of silence, with hangover_ms "
+        "as the longest wait when it says the user is not done")
+    end_of_turn_after_ms: float = Field(
+        200.0, ge=0, le=10_000, description="unvoiced audio before the end-of-turn model is asked")
+    end_of_turn_threshold: float = Field(
+        0.5, gt=0, lt=1, description="the model's probability of a finished turn that ends it")
+    end_of_turn_model: str = Field(
+        "pkg://pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+        description="the Smart Turn v3 ONNX model (a model URI or path)")
+
+    @model_validator(mode="after")
+    def _end_of_turn_before_hangover(self) -> VADOptions:
+        if self.end_of_turn != "silence" and self.end_of_turn_after_ms >= self.hangover_ms:
+            raise ValueError(
+                f"end_of_turn_after_ms ({self.end_of_turn_after_ms:g}) must be shorter than "
+                f"hangover_ms ({self.hangover_ms:g}): with end_of_turn: {self.end_of_turn}, "
+                f"hangover_ms is the longest wait after the model says the user is not done "
+                f"(1000-3000 is usual)")
+        return self
+
     @model_validator(mode="after")
     def _tentative_before_hangover(self) -> VADOptions:
         t = self.tentative_ms
@@ -110,7 +139,8 @@ class VADStage(Stage):
     """True when :meth:`score` is heavy enough to run in a worker thread."""
     # a client's turn_detection update (OpenAI Realtime server_vad) changes these live
     live_options = frozenset({"threshold", "min_speech_ms", "hangover_ms", "pre_roll_ms",
-                              "post_roll_ms", "max_turn_s", "interrupt", "tentative_ms"})
+                              "post_roll_ms", "max_turn_s", "interrupt", "tentative_ms",
+                              "end_of_turn_after_ms", "end_of_turn_threshold"})
 
     # ------------------------------------------------------------------- backend hooks
 
@@ -145,6 +175,23 @@ class VADStage(Stage):
         self._tentative_sent = False  # the open turn's tentative end went out
         self.tentatives = 0  # tentative ends sent, and of those retracted (preemptive mode)
         self.retractions = 0
+        self._eot_model: Any = None  # end_of_turn: smart_turn (loaded in setup)
+        self._eot_asked = False  # the model was asked about the current pause
+        self.eot_calls = 0  # model calls, of those that ended the turn, and their seconds
+        self.eot_ends = 0
+        self.eot_seconds = 0.0
+
+    async def setup(self) -> None:
+        """Load the end-of-turn model when ``end_of_turn`` names one (shared by every
+        pipeline in the process). Backends with their own setup call this first."""
+        if self.options.end_of_turn == "smart_turn":  # type: ignore[attr-defined]
+            from omniframe.resources import default_resources
+            from omniframe_audio.smart_turn import load_smart_turn
+
+            uri = self.options.end_of_turn_model  # type: ignore[attr-defined]
+            resources = self.context.resources or default_resources()
+            self._eot_model = await resources.aget(("smart_turn", uri),
+                                                   lambda: load_smart_turn(uri))
 
     def _init_stream(self, frame: AudioFrame) -> None:
         rate = int(frame.sample_rate)
@@ -188,6 +235,7 @@ class VADStage(Stage):
         t = o.tentative_ms  # type: ignore[attr-defined]
         self._tentative_n = (None if t is None
                              else max(int(round(t * ms)), self._post_roll_n))
+        self._eot_after_n = int(round(o.end_of_turn_after_ms * ms))  # type: ignore[attr-defined]
 
     def options_changed(self, old: StageOptions) -> None:
         if self._in_rate is not None:  # the stream has started: new lengths from now on
@@ -242,6 +290,7 @@ class VADStage(Stage):
         self._run_start = None
         self._turn_start = at
         self._turn_audio_start = max(self._audio_start, at - self._pre_roll_n) if pre_roll else at
+        self._eot_asked = False
         n = self._turn
         self.log.debug("speech_started", turn=n, pts=round(self._t(at), 3))
         out: list[Frame] = [SpeechStartFrame(turn=n, pts=self._t(at))]
@@ -310,6 +359,7 @@ class VADStage(Stage):
             if self._tentative_sent:
                 out += self._retract()
             self._last_voiced_end = e
+            self._eot_asked = False  # a new pause will be asked about at its own end
             if e - self._turn_start >= self._max_turn_n:
                 self.log.info("turn_split", turn=self._turn,
                               max_turn_s=self.options.max_turn_s)  # type: ignore[attr-defined]
@@ -321,6 +371,35 @@ class VADStage(Stage):
               and e - self._last_voiced_end >= self._tentative_n):
             out += self._tentative()
         return out
+
+    def _eot_due(self, voiced: bool, e: int) -> bool:
+        """Whether the end-of-turn model is to be asked about the pause that reaches ``e``."""
+        return (self._eot_model is not None and self._in_turn and not voiced
+                and not self._eot_asked and e - self._last_voiced_end >= self._eot_after_n
+                and e - self._last_voiced_end < self._hangover_n)
+
+    async def _eot_says_done(self, e: int) -> bool:
+        """Ask the model about the turn's audio up to ``e``; a failing model is logged and
+        counts as "not done" (the hangover still ends the turn: nothing is lost)."""
+        import time
+
+        self._eot_asked = True
+        audio = self._slice(self._turn_audio_start, e)
+        t0 = time.perf_counter()
+        try:
+            p = await self.run_sync(self._eot_model.probability, audio, self._in_rate)
+        except Exception as exc:  # the model is an aid: the hangover still decides
+            self.log.warning("end_of_turn_model_failed", turn=self._turn, error=str(exc))
+            return False
+        finally:
+            self.eot_seconds += time.perf_counter() - t0
+            self.eot_calls += 1
+        done = p >= self.options.end_of_turn_threshold  # type: ignore[attr-defined]
+        self.eot_ends += int(done)
+        self.log.debug("end_of_turn_model", turn=self._turn, probability=round(p, 3),
+                       silence_ms=round(1000 * (e - self._last_voiced_end) / self._in_rate),
+                       done=done)
+        return done
 
     async def _score_and_decide(self, final: bool = False) -> list[Frame]:
         c = self._chunk
@@ -338,7 +417,11 @@ class VADStage(Stage):
             b0 = self._be_pos + i * c
             active = self._in_turn or self._run_start is not None
             voiced = self.is_speech(float(sc), active)
-            out += self._decide(voiced, self._to_in(b0), self._to_in(b0 + c))
+            s, e = self._to_in(b0), self._to_in(b0 + c)
+            if self._eot_due(voiced, e) and await self._eot_says_done(e):
+                out += self._end()
+                continue
+            out += self._decide(voiced, s, e)
         self._be_buf = buf[k * c:] if not final else np.zeros(0, dtype=np.float32)
         self._be_pos += k * c
         return out
@@ -481,6 +564,7 @@ class SileroVAD(VADStage):
     async def setup(self) -> None:
         from omniframe.resources import default_resources
 
+        await super().setup()
         resources = self.context.resources or default_resources()
         if self.options.onnx:  # type: ignore[attr-defined]
             wrapper = await resources.aget(("silero_vad", "onnx"), lambda: _load_silero(True))
@@ -583,6 +667,7 @@ class WebRTCVAD(VADStage):
         return rate * int(self.options.frame_ms) // 1000  # type: ignore[attr-defined]
 
     async def setup(self) -> None:
+        await super().setup()
         try:
             import webrtcvad
         except ImportError:
