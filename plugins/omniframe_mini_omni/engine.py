@@ -39,9 +39,11 @@ allocation; attention over all requests in one kernel (varlen/paged flash-decodi
 of the per-request loop here, which costs a launch per request and layer; CUDA graphs of the
 decode step captured per padded row count (1, 2, 4, 8, ...), with positions and slot indices
 as graph inputs; and SNAC decoding of all sessions' pending frames in one batch (today each
-session's codec stage decodes its own frames). The CPU part still missing: the AVX512-BF16
-kernel (csrc/small_linear.cpp) takes at most kernels.MAX_ROWS = 4 rows per weight pass; more
-rows go in chunks of 4 (extending it needs a CPU with AVX512-BF16 to test on).
+session's codec stage decodes its own frames). On CPU the small-batch bf16
+kernel (csrc/small_linear.cpp: AVX512-BF16, AVX-512F or AVX2 paths) takes up to
+kernels.MAX_ROWS = 8 rows per weight pass (4 A1A2 sessions); more rows go in chunks of 8.
+Within a path a row's kernel output does not depend on the rows sharing the pass (tested
+bitwise in test_kernels.py).
 
 Requests are :class:`TurnRequest`; the engine emits :class:`~omniframe_mini_omni.generate.
 DecodeStep` items and finishes with the stop reason as ``info``.

@@ -17,9 +17,10 @@
 
 * **decode-step kernels** (one new position, :func:`~omniframe_mini_omni.model.decode_kernels`):
   attention of the single query runs as two float32 matmuls instead of SDPA's flash kernel
-  (~1 ms per layer on CPU for one query), and on CPUs with AVX512-BF16 the bfloat16 linear
-  layers and heads run :mod:`~omniframe_mini_omni.kernels`' small-batch kernel, which reads
-  each weight once for both rows of a batch-parallel step (PyTorch reads it once per row).
+  (~1 ms per layer on CPU for one query), and on x86-64 CPUs with AVX512-BF16, AVX-512F or
+  AVX2 the bfloat16 linear layers and heads run :mod:`~omniframe_mini_omni.kernels`'
+  small-batch kernel, which reads each weight once for both rows of a batch-parallel step
+  (PyTorch reads it once per row).
 * **bfloat16 decode steps without oneDNN** (CPU, when that kernel is unavailable): for
   matrix-vector products PyTorch's native bf16 kernels beat oneDNN's (about 15-20 % more
   steps/s on the 2-core AMD EPYC dev machine; oneDNN stays on for the prefill, where it is ~8x
@@ -79,7 +80,7 @@ class FastLM:
         native_bf16_steps: run one-position bf16 steps on CPU without oneDNN when the
             small-batch kernel is not used (None: when the model is bfloat16 on CPU).
         step_kernels: use the decode-step kernels (one-query matmul attention; the small-batch
-            bf16 linear kernel where it builds and the CPU has AVX512-BF16).
+            bf16 linear kernel where it builds and this CPU runs one of its paths).
     """
 
     def __init__(self, model: Any, *, skip_text_head: bool = True,

@@ -1,17 +1,28 @@
 """CPU kernels for decode steps, compiled at first use (``csrc/small_linear.cpp``).
 
-``small_linear(x, weight, bias)`` computes ``F.linear`` for 1 to 4 bfloat16 rows with one pass
-over the weights (AVX512-BF16 dot products, float32 accumulation, one rounding to bfloat16).
-A batch-parallel decode step (2 rows) is bound by reading ~1 GB of weights; PyTorch's CPU
-kernels read them once per row or go through oneDNN's general GEMM, so this kernel makes a
-step about 1.5x faster on the AVX512-BF16 CPUs it targets (AMD Zen 4, Intel Sapphire Rapids
-and later).
+``small_linear(kernel, x, weight, bias)`` computes ``F.linear`` for 1 to :data:`MAX_ROWS`
+bfloat16 rows with one pass over the weights (float32 accumulation, one rounding to
+bfloat16). A decode step (2 rows per batch-parallel session, several sessions per engine
+step) is bound by reading ~1 GB of weights; PyTorch's CPU kernels read them once per row or
+go through oneDNN's general GEMM.
+
+Code paths, the best this CPU runs is used (:attr:`Kernel.path`, logged once):
+
+* ``avx512bf16``: AVX512-BF16 dot products (AMD Zen 4, Intel Sapphire Rapids and later);
+* ``avx512f``: AVX-512F without BF16 (Skylake-SP .. Ice Lake, and VMs that hide BF16): bf16
+  widened to float32 in registers, float32 FMA;
+* ``avx2``: the same with AVX2 + FMA (Haswell and later, Zen 1-3);
+* none of these (or not x86-64): PyTorch's kernels.
+
+Within a path, a row's output does not depend on how many rows share the call (bitwise), so
+a session's numbers do not depend on the other sessions of an engine step.
 
 The extension is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are
-needed; ``pip install ninja``) into PyTorch's extension cache, once per machine (about 30 s
-on 2 cores). When it cannot be built or the CPU lacks AVX512-BF16, :func:`load` says why once
-in the log and returns None, and callers use PyTorch's kernels. ``OMNIFRAME_KERNELS=0``
-turns the kernels off.
+needed; ``pip install ninja``) into PyTorch's extension cache, once per machine and source
+version (about 30 s on 2 cores). When it cannot be built or runs on no path of this CPU,
+:func:`load` says why once in the log and returns None, and callers use PyTorch's kernels.
+``OMNIFRAME_KERNELS=0`` turns the kernels off; ``OMNIFRAME_KERNELS=<path>`` (e.g. ``avx2``)
+picks a path (for comparisons).
 """
 
 from __future__ import annotations
@@ -32,23 +43,47 @@ from torch import Tensor
 log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "small_linear.cpp"
-MAX_ROWS = 4
+MAX_ROWS = 8
+"""Most activation rows per weight pass (the engine splits larger steps in chunks)."""
+PATHS = ("avx512bf16", "avx512f", "avx2")
+"""The kernel's code paths, best first."""
+_OFF = ("0", "false", "no", "off")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def load() -> Any | None:
-    """The compiled extension, or None (disabled, no compiler, or no AVX512-BF16), cached."""
+class Kernel:
+    """The compiled extension bound to one code path (what :func:`load` returns)."""
+
+    def __init__(self, ext: Any, path: str) -> None:
+        if path not in PATHS:
+            raise ValueError(f"unknown kernel path {path!r}: one of {', '.join(PATHS)}")
+        self.ext = ext
+        self.path = path
+
+    def small_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The raw kernel: x (M, K) with 1 <= M <= MAX_ROWS, all contiguous bfloat16."""
+        return self.ext.small_linear(x, weight, bias, self.path)
+
+    def __repr__(self) -> str:
+        return f"Kernel(path={self.path!r})"
+
+
+def load() -> Kernel | None:
+    """The kernel on this CPU's best path, or None (disabled, no compiler, no path), cached."""
     with _lock:
-        if "ext" in _state:
-            return _state["ext"]
-        ext, why = _build()
-        if ext is None:
+        if "kernel" in _state:
+            return _state["kernel"]
+        kernel, why = _select()
+        if kernel is None:
             log.info("mini_omni.kernels.off", reason=why)
-        _state["ext"] = ext
+        else:
+            log.info("mini_omni.kernels.on", path=kernel.path,
+                     supported=",".join(_state.get("paths", ())))
+        _state["kernel"] = kernel
         _state["why"] = why
-        return ext
+        return kernel
 
 
 def unavailable_reason() -> str | None:
@@ -56,16 +91,44 @@ def unavailable_reason() -> str | None:
     return _state.get("why")
 
 
-def _build() -> tuple[Any | None, str | None]:
-    if os.environ.get("OMNIFRAME_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+def supported_paths() -> list[str]:
+    """The code paths this CPU runs, best first ([] where the extension cannot be built)."""
+    ext, _ = compile_extension()
+    return [] if ext is None else list(ext.supported_paths())
+
+
+def compile_extension() -> tuple[Any | None, str | None]:
+    """The compiled extension module (any path) or (None, why); built once per process."""
+    if "ext" not in _state:
+        _state["ext"] = _build()
+    return _state["ext"]
+
+
+def _select() -> tuple[Kernel | None, str | None]:
+    want = os.environ.get("OMNIFRAME_KERNELS", "1").strip().lower()
+    if want in _OFF:
         return None, "OMNIFRAME_KERNELS=0"
+    if want not in ("", "1", "true", "yes", "on", "auto", *PATHS):
+        return None, (f"OMNIFRAME_KERNELS={want!r} is not understood: 0 (off), 1 (best path) "
+                      f"or a path ({', '.join(PATHS)})")
+    ext, why = compile_extension()
+    if ext is None:
+        return None, why
+    paths = list(ext.supported_paths())
+    _state["paths"] = paths
+    if want in PATHS:
+        if want not in paths:
+            return None, (f"OMNIFRAME_KERNELS={want}: this CPU runs "
+                          f"{', '.join(paths) or 'none of the kernel paths'}")
+        return Kernel(ext, want), None
+    if not paths:
+        return None, "CPU has none of AVX512-BF16, AVX-512F, AVX2+FMA"
+    return Kernel(ext, paths[0]), None
+
+
+def _build() -> tuple[Any | None, str | None]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"not an x86-64 CPU ({platform.machine()})"
-    if not hasattr(torch.backends.cpu, "get_cpu_capability"):
-        return None, "this PyTorch cannot report CPU capabilities"
-    # the kernel needs AVX512-BF16; torch reports AVX512 at best, the extension checks BF16
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} (need AVX512-BF16)"
     try:
         from torch.utils import cpp_extension
     except ImportError as e:  # pragma: no cover - part of torch
@@ -88,13 +151,12 @@ def _build() -> tuple[Any | None, str | None]:
     except Exception as e:  # compiler missing or failing: fall back, say why
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         return None, f"could not build {SOURCE.name}: {first}"
-    if not ext.available():
-        return None, "CPU has no AVX512-BF16"
-    log.debug("mini_omni.kernels.loaded", name=name, s=round(time.perf_counter() - t0, 2))
+    log.debug("mini_omni.kernels.built", name=name, s=round(time.perf_counter() - t0, 2))
     return ext, None
 
 
-def small_linear(ext: Any, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def small_linear(kernel: Kernel | None, x: Tensor, weight: Tensor,
+                 bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` through the kernel when it applies, else PyTorch's.
 
     Applies to bfloat16 CPU tensors with at most :data:`MAX_ROWS` rows (leading dims
@@ -103,16 +165,17 @@ def small_linear(ext: Any, x: Tensor, weight: Tensor, bias: Tensor | None = None
     K = x.size(-1)
     rows = x.numel() // K if K else 0
     if (
-        ext is None
+        kernel is None
         or not 1 <= rows <= MAX_ROWS
         or K % 32
         or x.dtype != torch.bfloat16
         or weight.dtype != torch.bfloat16
         or x.device.type != "cpu"
+        or weight.device.type != "cpu"
         or (bias is not None and bias.dtype != torch.bfloat16)
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
     ):
         return F.linear(x, weight, bias)
-    y = ext.small_linear(x.reshape(rows, K).contiguous(), weight.contiguous(),
-                         None if bias is None else bias.contiguous())
+    y = kernel.small_linear(x.reshape(rows, K).contiguous(), weight.contiguous(),
+                            None if bias is None else bias.contiguous())
     return y.view(*x.shape[:-1], weight.size(0))

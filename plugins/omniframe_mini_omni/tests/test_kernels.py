@@ -16,11 +16,23 @@ from omniframe_mini_omni.model import _one_query_attention  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ext():
-    """The compiled kernel; skipped (with the reason) where it cannot run."""
+    """The compiled kernel on this CPU's best path; skipped (with the reason) where none runs."""
     ext = kernels.load()
     if ext is None:
         pytest.skip(f"small_linear kernel unavailable: {kernels.unavailable_reason()}")
     return ext
+
+
+@pytest.fixture(scope="module", params=kernels.PATHS)
+def path_kernel(request):
+    """The kernel on each code path this CPU runs (the others skip, saying why)."""
+    module, why = kernels.compile_extension()
+    if module is None:
+        pytest.skip(f"small_linear extension unavailable: {why}")
+    if request.param not in module.supported_paths():
+        pytest.skip(f"this CPU cannot run the {request.param} path "
+                    f"(it runs: {', '.join(module.supported_paths()) or 'none'})")
+    return kernels.Kernel(module, request.param)
 
 
 def _reference(x, w, b):
@@ -29,18 +41,79 @@ def _reference(x, w, b):
     return y.bfloat16()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize(("n", "k"), [(1000, 896), (67, 64), (130, 160)])
-def test_small_linear_matches_float32_math(ext, rows, bias, n, k):
-    g = torch.Generator().manual_seed(rows * 1000 + n + k)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
-    y = kernels.small_linear(ext, x, w, b)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
-    # same products, float32 sums in another order: at most one bfloat16 rounding step apart
-    torch.testing.assert_close(y.float(), _reference(x, w, b).float(), atol=2e-2, rtol=1e-2)
+def _assert_within_one_rounding(y, x, w, b):
+    """y (bf16) is the exact result up to one bfloat16 rounding (half an ulp: 2^-8 relative)
+    plus float32 accumulation error (K * 2^-24 * sum |x_k w_k|): the kernel sums the same
+    exact products as F.linear in float32, in another order, and rounds once."""
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    magnitude = F.linear(x.double().abs(), w.double().abs())
+    tol = exact.abs() * 2.0**-8 + magnitude * x.size(-1) * 2.0**-24 + 1e-30
+    err = (y.double() - exact).abs()
+    assert bool((err <= tol).all()), f"max error / tolerance {float((err / tol).max()):.3f}"
+
+
+# K: only the tail (32), main loop + tail (96, 160: not multiples of 64 / 128), no tail (896),
+# a long row (4864, the MLP's down projection); N odd or not a multiple of 64
+@pytest.mark.parametrize(("n", "k"), [(67, 32), (33, 96), (130, 160), (1000, 896), (45, 4864)])
+def test_small_linear_matches_float32_math(path_kernel, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    for rows in range(1, kernels.MAX_ROWS + 1):
+        for bias in (False, True):
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            w = (torch.randn(n, k, generator=g) / math.sqrt(k)).bfloat16()
+            b = torch.randn(n, generator=g).bfloat16() if bias else None
+            y = kernels.small_linear(path_kernel, x, w, b)
+            assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+            _assert_within_one_rounding(y, x, w, b)
+            # the same as F.linear's float32 result rounded to bfloat16, up to one step
+            torch.testing.assert_close(y.float(), _reference(x, w, b).float(), atol=2e-2,
+                                       rtol=1e-2)
+
+
+@pytest.mark.parametrize("k", [96, 896])
+def test_a_rows_result_does_not_depend_on_the_rows_sharing_the_pass(path_kernel, k):
+    """Bitwise: row m's output is the same alone, among the first M rows for every M, and at
+    any position of the batch (another session's rows must not move a session's numbers)."""
+    g = torch.Generator().manual_seed(k)
+    R = kernels.MAX_ROWS
+    x = torch.randn(R, k, generator=g).bfloat16()
+    w = (torch.randn(131, k, generator=g) / math.sqrt(k)).bfloat16()
+    b = torch.randn(131, generator=g).bfloat16()
+    full = path_kernel.small_linear(x, w, b)
+    for m in range(1, R + 1):
+        assert torch.equal(path_kernel.small_linear(x[:m].contiguous(), w, b), full[:m]), m
+        alone = path_kernel.small_linear(x[m - 1 : m].contiguous(), w, b)
+        assert torch.equal(alone, full[m - 1 : m]), m
+    for shift in range(1, R):
+        rolled = path_kernel.small_linear(x.roll(shift, 0).contiguous(), w, b)
+        assert torch.equal(rolled, full.roll(shift, 0)), shift
+
+
+def test_small_linear_refuses_bad_inputs_clearly(path_kernel):
+    w = torch.randn(16, 64).bfloat16()
+    R = kernels.MAX_ROWS
+    cases = [
+        (torch.randn(R + 1, 64).bfloat16(), w, None, f"1 to {R} rows, got {R + 1}"),
+        (torch.randn(2, 64), w, None, "bfloat16 only"),
+        (torch.randn(2, 64).bfloat16(), w.float(), None, "bfloat16 only"),
+        (torch.randn(2, 40).bfloat16(), torch.randn(16, 40).bfloat16(), None,
+         "multiple of 32"),
+        (torch.randn(2, 32).bfloat16(), w, None, "x is \\(2, 32\\)"),
+        (torch.randn(2, 64).bfloat16(), w, torch.randn(15).bfloat16(), "bias must be"),
+        (torch.randn(2, 64).bfloat16(), w, torch.randn(16), "bias must be"),
+        (torch.randn(64).bfloat16(), w, None, "must be 2-D"),
+    ]
+    for x, ww, b, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            path_kernel.small_linear(x, ww, b)
+    with pytest.raises(RuntimeError, match="unknown code path 'sse2'"):
+        path_kernel.ext.small_linear(torch.randn(2, 64).bfloat16(), w, None, "sse2")
+    with pytest.raises(ValueError, match="unknown kernel path"):
+        kernels.Kernel(path_kernel.ext, "sse2")
+    missing = [p for p in kernels.PATHS if p not in path_kernel.ext.supported_paths()]
+    for p in missing:  # a path this CPU lacks is refused, not run (an illegal instruction)
+        with pytest.raises(RuntimeError, match=f"cannot run the {p} path"):
+            path_kernel.ext.small_linear(torch.randn(2, 64).bfloat16(), w, None, p)
 
 
 def test_small_linear_keeps_leading_dims_and_falls_back(ext):
@@ -49,10 +122,10 @@ def test_small_linear_keeps_leading_dims_and_falls_back(ext):
     y = kernels.small_linear(ext, x, w)
     assert y.shape == (2, 1, 48)
     torch.testing.assert_close(y.float(), _reference(x, w, None).float(), atol=2e-2, rtol=1e-2)
-    # where the kernel does not apply, PyTorch computes it: 5 rows, K not a multiple of 32,
-    # float32
-    for xx, ww in [(torch.randn(5, 64).bfloat16(), w), (torch.randn(2, 40).bfloat16(),
-                                                        torch.randn(48, 40).bfloat16()),
+    # where the kernel does not apply, PyTorch computes it: too many rows, K not a multiple
+    # of 32, float32
+    too_many = torch.randn(kernels.MAX_ROWS + 1, 64).bfloat16()
+    for xx, ww in [(too_many, w), (torch.randn(2, 40).bfloat16(), torch.randn(48, 40).bfloat16()),
                    (torch.randn(2, 64), torch.randn(48, 64))]:
         torch.testing.assert_close(kernels.small_linear(ext, xx, ww), F.linear(xx, ww))
 
@@ -61,6 +134,29 @@ def test_small_linear_without_extension_is_f_linear():
     x, w = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     b = torch.randn(8).bfloat16()
     assert torch.equal(kernels.small_linear(None, x, w, b), F.linear(x, w, b))
+
+
+def test_best_path_is_chosen_and_a_path_can_be_forced(monkeypatch):
+    module, why = kernels.compile_extension()
+    if module is None:
+        pytest.skip(f"small_linear extension unavailable: {why}")
+    paths = list(module.supported_paths())
+    assert paths == [p for p in kernels.PATHS if p in paths]  # best first
+    monkeypatch.setattr(kernels, "_state", {"ext": (module, None)})
+    monkeypatch.delenv("OMNIFRAME_KERNELS", raising=False)
+    best = kernels.load()
+    assert (best.path if best is not None else None) == (paths[0] if paths else None)
+    for p in kernels.PATHS:
+        monkeypatch.setattr(kernels, "_state", {"ext": (module, None)})
+        monkeypatch.setenv("OMNIFRAME_KERNELS", p)
+        k = kernels.load()
+        if p in paths:
+            assert k is not None and k.path == p
+        else:
+            assert k is None and "this CPU runs" in kernels.unavailable_reason()
+    monkeypatch.setattr(kernels, "_state", {"ext": (module, None)})
+    monkeypatch.setenv("OMNIFRAME_KERNELS", "fast")
+    assert kernels.load() is None and "not understood" in kernels.unavailable_reason()
 
 
 def test_kernels_can_be_turned_off(monkeypatch):
