@@ -29,6 +29,12 @@ __all__ = ["eval_command"]
                    "offline: as fast as possible (throughput). Default: the config's.")
 @click.option("--limit", type=click.IntRange(min=1), multiple=True, callback=once,
               help="Only the first N dataset items.")
+@click.option("--jobs", type=click.IntRange(min=1), multiple=True, callback=once,
+              metavar="N",
+              help="Run N items of a pipeline at once (asyncio tasks over the same loaded "
+                   "models). Deterministic pipelines give the same results as with 1; "
+                   "latencies are then measured under that load, so compare them only with "
+                   "runs of the same N. Default: the config's jobs (1).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse results of an interrupted run in the same folder.")
 @click.option("--retry-failed", is_flag=True, help="With --resume, run failed items again.")
@@ -38,7 +44,7 @@ __all__ = ["eval_command"]
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bars on stderr.")
 def eval_command(config: str, out: str | None, report_dir: str | None, mode: str | None,
-                 limit: int | None, resume: bool, retry_failed: bool,
+                 limit: int | None, jobs: int | None, resume: bool, retry_failed: bool,
                  overrides: tuple[str, ...], progress: bool) -> None:
     """Evaluate the pipelines of CONFIG (an evaluation config, e.g. configs/eval/ab.yaml) on
     its dataset: latency, ASR WER, spoken-vs-text agreement and answer quality, one report.
@@ -61,6 +67,8 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
     sets = list(overrides)
     if mode:
         sets.append(f"mode={mode}")
+    if jobs:
+        sets.append(f"jobs={jobs}")
     try:
         cfg = load_eval_config(config, sets)
     except EvalConfigError as exc:
@@ -75,7 +83,12 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
     harness = Harness(cfg, run_dir, resume=resume, retry_failed=retry_failed, limit=limit,
                       progress=progress, command=shlex.join(argv) if argv else None)
     click.echo(f"evaluating {', '.join(p.name for p in cfg.pipelines)} on "
-               f"{cfg.dataset.name} ({cfg.mode}) into {run_dir}", err=True)
+               f"{cfg.dataset.name} ({cfg.mode}) into {run_dir}"
+               + (f", {cfg.jobs} items at once" if cfg.jobs > 1 else ""), err=True)
+    if cfg.jobs > 1:
+        click.echo(f"note: with --jobs {cfg.jobs} the latencies (voice-to-voice, first-chunk "
+                   f"latency, RTF) are measured with {cfg.jobs} items sharing the device: "
+                   f"compare them only with runs of the same --jobs", err=True)
     from omniframe.interrupts import InterruptGuard
 
     # the first Ctrl-C cancels the run (the item in flight stops, finished ones are saved);
@@ -103,7 +116,8 @@ def eval_command(config: str, out: str | None, report_dir: str | None, mode: str
     for b in rep["pipelines"]:
         v = b["latency"]["voice_to_voice"]["p50"]
         lat = "-" if v is None else f"{v:.2f}s"
-        click.echo(f"{b['name']}: {b['ok']}/{b['items']} ok, voice-to-voice p50 {lat}", err=True)
+        click.echo(f"{b['name']}: {b['ok']}/{b['items']} ok, voice-to-voice p50 {lat}"
+                   + (f" (--jobs {cfg.jobs})" if cfg.jobs > 1 else ""), err=True)
     click.echo(f"report: {paths['markdown']}")
     failed = sum(b["failed"] for b in rep["pipelines"])
     if failed:

@@ -5,6 +5,7 @@ Example (``configs/eval/ab.yaml``)::
     name: ab
     mode: realtime            # or offline
     seed: 0
+    jobs: 1                   # items run at once (also --jobs N)
     dataset: {name: spoken_qa, options: {rates: [150, 180]}}
     pipelines:
       - name: cascade
@@ -141,6 +142,11 @@ class EvalConfig(_Model):
         default_factory=lambda: {"tail_silence_s": 1.0},
         description="set on each pipeline's source where it has these options")
     item_timeout_s: float = Field(default=120.0, gt=0)
+    jobs: int = Field(
+        default=1,
+        description="items of one pipeline run at once (asyncio tasks over the same loaded "
+                    "models); results are those of jobs: 1 for deterministic pipelines, but "
+                    "latencies are measured under that load (also --jobs)")
     warmup: int = Field(default=1, ge=0, description="unrecorded runs before the first item")
     keep_audio: bool = Field(default=True, description="keep answer audio in the run folder")
     device_label: str = Field(default="auto", description="'auto' describes this machine")
@@ -155,6 +161,14 @@ class EvalConfig(_Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"pipeline names must be unique; repeated: {dup}")
+        return v
+
+    @field_validator("jobs", mode="before")
+    @classmethod
+    def _jobs_ok(cls, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"jobs is how many items run at once: a whole number, 1 or more "
+                             f"(got {v!r})")
         return v
 
     def resolve_path(self, path: str) -> Path:

@@ -9,6 +9,16 @@ timestamps, transcript and text answer, and the answer audio, which the spoken-a
 transcribes. Each item's record is appended to ``records.jsonl`` as soon as it is done, keyed by
 pipeline × item and a fingerprint of everything that shapes it, so an interrupted run resumes
 where it stopped. Failures (bad entries, pipeline errors, timeouts, no answer) are records too.
+
+With ``jobs`` > 1 (``--jobs N``) up to N items of a pipeline run at once, as asyncio tasks in
+this process over the same loaded models (the model cache shares them; sessions on one model
+are safe). Records are still saved, reported and passed to ``on_record`` in item order (an item
+that finishes early waits in memory for the ones before it; on an error or Ctrl-C every
+finished item is saved at once), so a deterministic pipeline gives the same records and report
+as with ``jobs`` 1, latencies apart: those are measured under the load of N items at once. The
+global random generators are seeded before every item, which makes a sampling pipeline
+reproducible only with ``jobs`` 1: give its stages their own seed (e.g. ``lm.options.seed``)
+to compare runs with more jobs.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -226,12 +237,18 @@ class Harness:
         limit: only the first N dataset items (overrides the config's ``limit``).
         progress: show progress bars (tqdm, on stderr).
         on_record: called with each new record after it is saved (tests use it to crash).
+        jobs: how many items of a pipeline run at once (overrides the config's ``jobs``).
     """
 
     def __init__(self, cfg: EvalConfig, out: str | Path, *, resume: bool = True,
                  retry_failed: bool = False, limit: int | None = None, progress: bool = True,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
-                 command: str | None = None) -> None:
+                 command: str | None = None, jobs: int | None = None) -> None:
+        jobs = cfg.jobs if jobs is None else jobs
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise HarnessError(f"jobs is how many items run at once: a whole number, 1 or "
+                               f"more (got {jobs!r})")
+        self.jobs = jobs
         self.cfg = cfg
         self.out = Path(out)
         self.resume = resume
@@ -250,6 +267,8 @@ class Harness:
         self._dnsmos: Any = None
         self._dnsmos_error: str | None = (None if cfg.dnsmos.enabled
                                           else "switched off in the config")
+        # parallel items ask for a judge from worker threads: it must load once
+        self._judge_lock = threading.Lock()
 
     # ---------------------------------------------------------------- pipeline set-up
 
@@ -509,6 +528,10 @@ class Harness:
     # -------------------------------------------------------------------- judges
 
     def _judge_asr(self) -> Any:
+        with self._judge_lock:
+            return self._judge_asr_locked()
+
+    def _judge_asr_locked(self) -> Any:
         if self._asr is None and self._asr_error is None:
             j = self.cfg.spoken_answer_asr
             if not j.enabled:
@@ -525,6 +548,10 @@ class Harness:
         return self._asr
 
     def _judge_embed(self) -> Any:
+        with self._judge_lock:
+            return self._judge_embed_locked()
+
+    def _judge_embed_locked(self) -> Any:
         if self._embedder is None and self._embed_error is None:
             j = self.cfg.embedding
             if not j.enabled:
@@ -541,6 +568,10 @@ class Harness:
         return self._embedder
 
     def _judge_dnsmos(self) -> Any:
+        with self._judge_lock:
+            return self._judge_dnsmos_locked()
+
+    def _judge_dnsmos_locked(self) -> Any:
         if self._dnsmos is None and self._dnsmos_error is None:
             from omniframe_eval.judges import Dnsmos, JudgeUnavailable
 
@@ -570,6 +601,7 @@ class Harness:
             "reference_answers": list(item.answers),
             "meta": item.meta,
             "fallback": info.fallback_used,
+            "jobs": self.jobs,
         }
 
     async def _run_item(self, info: PipelineInfo, data: dict[str, Any] | None,
@@ -655,6 +687,8 @@ class Harness:
                                 transcript=main.transcript_ts, first_text=main.first_text_ts,
                                 first_audio=main.first_audio_ts)
         lat["rtf"] = main.rtf
+        # VocalBench's name for the model-side latency: whole input handed over → first chunk
+        lat["first_chunk_latency"] = lat["response"]
         rec["latency"] = {k: None if v is None else round(v, 4) for k, v in lat.items()}
         chunks = [f for f in frames if isinstance(f, OutputAudioFrame) and f.turn == main.turn]
         audio = None
@@ -746,6 +780,7 @@ class Harness:
             "embedding": self.cfg.embedding.model_dump(),
             "dnsmos": self.cfg.dnsmos.model_dump(),
             "item_timeout_s": self.cfg.item_timeout_s,
+            "jobs": self.jobs,
             "warmup": self.cfg.warmup,
             "omniframe_version": version,
             "command": self.command,
@@ -794,14 +829,7 @@ class Harness:
             self._save_pipes(pipes, prev_pipes)
             bar = _progress(len(items), entry.name, self.progress, initial=len(done))
             try:
-                for it in todo:
-                    rec = await self._run_item(info, data, it)
-                    self.store.append(rec)
-                    done[it.id] = rec
-                    bar.update(1)
-                    bar.set_postfix_str(_counts(done.values()))
-                    if self.on_record is not None:
-                        self.on_record(rec)
+                await self._run_items(info, data, todo, done, bar)
             finally:
                 bar.close()
             pipes[entry.name] = info.to_dict()  # notes found while running
@@ -815,6 +843,79 @@ class Harness:
         from omniframe_eval.report import build_report
 
         return build_report(run_info, pipes, records, judges=judges)
+
+    def _save(self, rec: dict[str, Any], done: dict[str, dict[str, Any]],
+              notify: bool = True) -> None:
+        self.store.append(rec)
+        done[rec["item"]] = rec
+        if notify and self.on_record is not None:
+            self.on_record(rec)
+
+    async def _run_items(self, info: PipelineInfo, data: dict[str, Any] | None,
+                         todo: list[EvalItem], done: dict[str, dict[str, Any]],
+                         bar: Any) -> None:
+        """Run ``todo`` (``self.jobs`` at once), saving each record in item order."""
+        jobs = min(self.jobs, len(todo))
+        if jobs <= 1:
+            for it in todo:
+                rec = await self._run_item(info, data, it)
+                self._save(rec, done, notify=False)
+                bar.update(1)
+                bar.set_postfix_str(_counts(done.values()))
+                if self.on_record is not None:
+                    self.on_record(rec)
+            return
+        import anyio
+
+        finished: dict[int, dict[str, Any]] = {}  # done, waiting for the items before them
+        next_save = 0
+        queue = iter(enumerate(todo))  # shared by the workers: each item is taken once
+        running = jobs
+        all_done = anyio.Event()
+
+        def save_in_order() -> None:
+            nonlocal next_save
+            while next_save in finished:
+                rec = finished.pop(next_save)
+                next_save += 1
+                self._save(rec, done)
+
+        def save_the_rest() -> None:
+            """After an error or a cancel: keep every finished item (nothing is lost)."""
+            for i in sorted(finished):
+                self._save(finished.pop(i), done, notify=False)
+
+        async def worker() -> None:
+            nonlocal running
+            try:
+                for i, it in queue:
+                    rec = await self._run_item(info, data, it)
+                    finished[i] = rec
+                    bar.update(1)
+                    bar.set_postfix_str(_counts([*done.values(), *finished.values()]))
+                    save_in_order()
+            finally:
+                running -= 1
+                if running == 0:
+                    all_done.set()
+
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(jobs):
+                    tg.start_soon(worker)
+                try:
+                    await all_done.wait()
+                finally:  # runs at once on a cancel, before the workers have stopped
+                    save_the_rest()
+        except BaseExceptionGroup as group:  # one error: raise it as jobs 1 would
+            error = _sole(group)
+            if error is None:
+                raise
+        finally:
+            save_the_rest()
+        if error is not None:
+            raise error
 
     def _judge_status(self) -> dict[str, str | None]:
         """Why a scoring model was not available, kept in ``judges.json`` so that a resumed
@@ -858,6 +959,21 @@ def _read_device(harness: Harness, entry: PipelineEntry) -> str:
         return str(data.get("device", "cpu")) if isinstance(data, dict) else "cpu"
     except Exception:
         return "cpu"
+
+
+def _sole(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in a task group's (nested) group, or None when there are several."""
+    found: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                found.append(e)
+
+    walk(group)
+    return found[0] if len(found) == 1 else None
 
 
 def _safe(item_id: str) -> str:

@@ -4,6 +4,11 @@
 records, so a resumed run (records partly from before the crash) gives the same report as an
 uninterrupted one. :func:`write_report` writes ``report.json``, ``report.md`` and
 ``plots/*.png``; every table and plot names the device the figures came from.
+
+Each pipeline's block also gives its latency under the names VocalBench uses (``vocalbench``:
+``fcl_ms``, first-chunk latency in milliseconds, and ``rtf``, real-time factor; see
+:data:`VOCALBENCH_LEGEND`), and which ``jobs`` values its items ran with (latencies measured
+with several items at once are not comparable with one at a time).
 """
 
 from __future__ import annotations
@@ -26,7 +31,39 @@ from omniframe_eval.scoring import (
 
 __all__ = ["build_report", "render_markdown", "write_report"]
 
-LATENCY_KEYS = ("voice_to_voice", "vad_wait", "response", "to_first_text", "asr", "rtf")
+LATENCY_KEYS = ("voice_to_voice", "vad_wait", "response", "to_first_text", "asr", "rtf",
+                "first_chunk_latency")
+
+#: Where the VocalBench names come from and what they mean here (the report's legend).
+VOCALBENCH_SOURCE = ("VocalBench (Liu et al., Shanghai Jiao Tong University and Ant Group, "
+                     "arXiv 2505.15727; leaderboard at github.com/SJTU-OmniAgent/VocalBench)")
+VOCALBENCH_LEGEND = (
+    "Named as VocalBench reports a model's latency (its leaderboard's two Latency columns, "
+    f"RTF and FCL in ms; source: {VOCALBENCH_SOURCE}). "
+    "**FCL**, first-chunk latency: from the moment the user's whole input is handed to the "
+    "model (here the VAD's end-of-speech decision) to the first chunk of answer audio leaving "
+    "the sink, in milliseconds; the same figure as 'response' above, without the VAD's wait "
+    "(voice-to-voice = VAD wait + FCL). **RTF**, real-time factor: generation time (the VAD's "
+    "decision → the end of the answer) / duration of the generated answer audio; below 1 is "
+    "faster than real time. Mean over items (VocalBench gives one figure per model) and "
+    "median. Same names and definitions, not the same conditions: these figures come from "
+    "this device, mode and pipeline, so compare them with each other, not with the numbers "
+    "VocalBench publishes.")
+
+
+def _lat(rec: dict[str, Any], key: str) -> float | None:
+    """One latency figure of a record (records made before ``first_chunk_latency`` existed
+    have it as ``response``)."""
+    lat = rec.get("latency") or {}
+    v = lat.get(key)
+    if v is None and key == "first_chunk_latency":
+        v = lat.get("response")
+    return v
+
+
+def _jobs(records: list[dict[str, Any]]) -> list[int]:
+    """The ``jobs`` values the records ran with (1 for records from before --jobs)."""
+    return sorted({int(r.get("jobs") or 1) for r in records})
 
 
 def _ok(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,7 +141,7 @@ def _pipeline_block(name: str, records: list[dict[str, Any]], info: dict[str, An
     ok = _ok(records)
     failures = [{"item": r["item"], "reason": r.get("reason") or "?"} for r in records
                 if r.get("status") != "ok"]
-    lat = {k: summarize([(r.get("latency") or {}).get(k) for r in ok]) for k in LATENCY_KEYS}
+    lat = {k: summarize([_lat(r, k) for r in ok]) for k in LATENCY_KEYS}
     breakdown = {k: summarize([(r.get("latency") or {}).get(k) for r in ok])["p50"]
                  for k in BREAKDOWN}
     stage_names: list[str] = []
@@ -125,6 +162,8 @@ def _pipeline_block(name: str, records: list[dict[str, Any]], info: dict[str, An
         "failed": len(failures),
         "failures": failures,
         "latency": lat,
+        "jobs": _jobs(records),
+        "vocalbench": _vocalbench(lat),
         "breakdown_p50": breakdown,
         "stage_busy_mean_s": busy,
         "throughput": {
@@ -147,8 +186,38 @@ def _pipeline_block(name: str, records: list[dict[str, Any]], info: dict[str, An
     }
 
 
+def _vocalbench(lat: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """First-chunk latency (ms) and real-time factor, as VocalBench names them."""
+    fcl, rtf = lat["first_chunk_latency"], lat["rtf"]
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else 1000.0 * x
+
+    return {"fcl_ms": {"mean": ms(fcl["mean"]), "p50": ms(fcl["p50"]), "n": fcl["n"]},
+            "rtf": {"mean": rtf["mean"], "p50": rtf["p50"], "n": rtf["n"]},
+            "source": VOCALBENCH_SOURCE}
+
+
 def _fmt_s(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f} s"
+
+
+def _fmt_ms(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0f}"
+
+
+def _fmt_x(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _jobs_text(rep: dict[str, Any]) -> str:
+    """How many items ran at once, for the report's header."""
+    used = sorted({j for b in rep["pipelines"] for j in (b.get("jobs") or [1])})
+    if used == [1]:
+        return "1 (items one at a time)"
+    text = ", ".join(map(str, used))
+    return (f"{text} items at once (--jobs): latencies are measured under that load and are "
+            f"not comparable with one item at a time")
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -307,6 +376,7 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
         f"- **Dataset**: `{ds['name']}` {json.dumps(ds.get('options') or {})}: {rep['n_items']} "
         f"items{limit}",
         f"- **Seed**: {run['seed']} (Python, numpy and torch are seeded before every item)",
+        f"- **Jobs**: {_jobs_text(rep)}",
         f"- **Text normalizer**: {rep['normalizer']}",
     ]
     if rep.get("judges"):
@@ -342,7 +412,12 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
               "Voice-to-voice: end of user speech (last voiced audio) → first answer audio "
               "sample leaving the sink. Response: the VAD's end-of-speech decision → first "
               "audio (model side). RTF: answer compute time / answer audio duration (< 1 is "
-              "faster than real time).", ""]
+              "faster than real time). Jobs: how many items ran at once.", ""]
+    parallel = [b["name"] for b in rep["pipelines"] if max(b.get("jobs") or [1]) > 1]
+    if parallel:
+        lines += [f"**Note**: {', '.join(parallel)} ran several items at once (--jobs > 1): "
+                  f"their items shared the device, so their latencies and RTF are measured "
+                  f"under that load and are not comparable with a --jobs 1 run.", ""]
     rows = []
     for b in rep["pipelines"]:
         v = b["latency"]["voice_to_voice"]
@@ -352,9 +427,21 @@ def render_markdown(rep: dict[str, Any], plots: list[tuple[str, str]] | None = N
             _fmt_s(b["latency"]["vad_wait"]["p50"]), _fmt_s(b["latency"]["response"]["p50"]),
             _fmt_s(b["latency"]["to_first_text"]["p50"]),
             "–" if b["latency"]["rtf"]["p50"] is None else f"{b['latency']['rtf']['p50']:.2f}",
+            ", ".join(map(str, b.get("jobs") or [1])),
         ])
     lines.append(_md_table(["pipeline", "ok", "v2v p50", "v2v p90", "v2v p95", "v2v mean",
-                            "VAD wait p50", "response p50", "first text p50", "RTF p50"], rows))
+                            "VAD wait p50", "response p50", "first text p50", "RTF p50",
+                            "jobs"], rows))
+    lines += ["", f"### First-chunk latency and RTF, as VocalBench names them ({dev}; {mode})",
+              "", VOCALBENCH_LEGEND, ""]
+    rows = []
+    for b in rep["pipelines"]:
+        vb = b.get("vocalbench") or _vocalbench(b["latency"])
+        fcl, rtf = vb["fcl_ms"], vb["rtf"]
+        rows.append([b["name"], _fmt_ms(fcl["mean"]), _fmt_ms(fcl["p50"]), _fmt_x(rtf["mean"]),
+                     _fmt_x(rtf["p50"]), str(fcl["n"]), ", ".join(map(str, b.get("jobs") or [1]))])
+    lines.append(_md_table(["pipeline", "FCL mean (ms)", "FCL p50 (ms)", "RTF mean", "RTF p50",
+                            "items", "jobs"], rows))
     lines += ["", f"### Per-stage breakdown (medians, seconds; {dev})", ""]
     rows = [[b["name"], *[_fmt_s(b["breakdown_p50"][k]) for k in BREAKDOWN],
              _fmt_s(b["latency"]["voice_to_voice"]["p50"])] for b in rep["pipelines"]]

@@ -7,7 +7,8 @@ plugins' progress:
 * source ``evaltest-file``: reads a file, 20 ms frames, optionally paced, tail silence;
 * vad ``evaltest-energy``: an energy gate with a hangover; one turn per utterance;
 * encoder ``evaltest-oracle``: "transcribes" by reading ``<audio>.txt`` beside the audio file
-  (the source tells it the path through the session); ``drop_last`` words make known errors;
+  (the source tells it the path through the session); ``drop_last`` words make known errors,
+  ``delay_if`` slows (or hangs) chosen items, and it counts how many run at once (``PEAK``);
 * lm ``evaltest-echo-text`` answers with the transcript (the real ``echo`` LM of
   omniframe_echo is used where a prefix is wanted); lm ``evaltest-crash`` raises on a word;
 * sink ``evaltest-wav``: writes the answer audio to a wav file.
@@ -150,6 +151,11 @@ def _sidecar(audio: str) -> str:
     return side.read_text().strip() if side.exists() else ""
 
 
+#: how many OracleAsr turns are being transcribed right now, and the most at once so far
+IN_FLIGHT = 0
+PEAK = 0
+
+
 class OracleAsr(Stage):
     kind = "encoder"
     name = "evaltest-oracle"
@@ -159,15 +165,24 @@ class OracleAsr(Stage):
     class Options(StageOptions):
         drop_last: int = 0
         delay_s: float = 0.0
+        delay_if: dict[str, float] = {}  # a word of the transcript → extra seconds
 
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        global IN_FLIGHT, PEAK
         msg = self.context.session.last("system")
         assert msg is not None and msg.text.startswith("evaltest-audio:")
-        text = await self.run_sync(_sidecar, msg.text.split(":", 1)[1])
+        IN_FLIGHT += 1
+        PEAK = max(PEAK, IN_FLIGHT)
+        try:
+            text = await self.run_sync(_sidecar, msg.text.split(":", 1)[1])
+            delay = self.options.delay_s + sum(
+                s for w, s in self.options.delay_if.items() if w in text.split())
+            if delay:
+                await anyio.sleep(delay)
+        finally:
+            IN_FLIGHT -= 1
         if self.options.drop_last:
             text = " ".join(text.split()[: -self.options.drop_last])
-        if self.options.delay_s:
-            await anyio.sleep(self.options.delay_s)
         yield TranscriptFrame(text=text, speech_end_ts=getattr(frame, "speech_end_ts", 0.0))
 
 

@@ -94,14 +94,22 @@ def test_eval_command_end_to_end(tiny_audio: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = runner.invoke(_cli(), ["eval", str(ev), "--out", str(out), "--report-dir",
                                  str(tmp_path / "docs"), "--mode", "offline", "--limit", "2",
-                                 "--no-progress", "--set", "echo:lm.options.prefix=Heard"])
+                                 "--no-progress", "--set", "echo:lm.options.prefix=Heard",
+                                 "--jobs", "2"])
     assert res.exit_code == 0, res.output
     assert "echo: 2/2 ok" in res.output
+    assert "2 items at once" in res.stderr and "compare them only with runs of the same " \
+        "--jobs" in res.stderr
     assert (tmp_path / "docs" / "report.md").exists()
     assert (tmp_path / "docs" / "latency.png").exists()
     assert not (out / "report.md").exists()  # the report went to --report-dir
     rep = json.loads((tmp_path / "docs" / "report.json").read_text())
     assert rep["run"]["mode"] == "offline" and rep["n_items"] == 2
+    assert rep["run"]["jobs"] == 2 and rep["pipelines"][0]["jobs"] == [2]
+    vb = rep["pipelines"][0]["vocalbench"]
+    assert vb["fcl_ms"]["n"] == 2 and vb["fcl_ms"]["p50"] > 0 and vb["rtf"]["n"] == 2
+    md = (tmp_path / "docs" / "report.md").read_text()
+    assert "as VocalBench names them" in md and "arXiv 2505.15727" in md
     assert rep["pipelines"][0]["per_item"][0]["answer"].startswith("Heard")
     assert len((out / "records.jsonl").read_text().splitlines()) == 2
 
@@ -177,7 +185,7 @@ def test_help_lists_the_options() -> None:
     res = CliRunner().invoke(_cli(), ["eval", "--help"])
     assert res.exit_code == 0
     for opt in ("--out", "--mode", "--limit", "--resume / --no-resume", "--set",
-                "--report-dir"):
+                "--report-dir", "--jobs N"):
         assert opt in res.output
 
 
@@ -236,6 +244,9 @@ def test_eval_command_line_problems_exit_2(tiny_audio: Path, tmp_path: Path) -> 
         (["--set", "pipelines[abc].name=x"], "index [abc] is not a number"),
         (["--set", "pipelines[7].name=x"], "there are 1 pipelines"),
         (["--set", "mode"], "must look like path=value"),
+        (["--jobs", "0"], "Invalid value for '--jobs': 0 is not in the range x>=1"),
+        (["--jobs", "many"], "Invalid value for '--jobs': 'many' is not a valid integer"),
+        (["--set", "jobs=0"], "jobs is how many items run at once"),
     ]
     for args, expected in cases:
         res = CliRunner().invoke(_cli(), ["eval", str(ev), "--no-progress", *args])

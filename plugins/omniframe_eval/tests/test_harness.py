@@ -13,6 +13,7 @@ import soundfile as sf
 from omniframe_eval.evalconfig import load_eval_config
 from omniframe_eval.harness import Harness, RecordStore
 from omniframe_eval.report import write_report
+from omniframe_eval.tests import evalstages
 from omniframe_eval.tests.conftest import TINY, write_eval, write_manifest, write_pipeline
 
 pytestmark = pytest.mark.anyio
@@ -135,8 +136,10 @@ def _strip_timing(rep: dict[str, Any]) -> dict[str, Any]:
     """The report without figures that depend on wall-clock timing."""
     rep = json.loads(json.dumps(rep))
     _untimed(rep)
+    rep["run"].pop("jobs")
     for b in rep["pipelines"]:
-        for key in ("latency", "breakdown_p50", "stage_busy_mean_s", "throughput"):
+        for key in ("latency", "breakdown_p50", "stage_busy_mean_s", "throughput", "jobs",
+                    "vocalbench"):
             b.pop(key)
         for it in b["per_item"]:
             it.pop("v2v")
@@ -289,6 +292,165 @@ async def test_spoken_answer_asr_and_embeddings_with_real_models(tmp_path: Path)
     near = emb.similarity("The capital of France is Paris.", ["Paris"])
     far = emb.similarity("Bananas are yellow.", ["Paris"])
     assert near is not None and far is not None and near > far
+
+
+#: record fields that measure time (or say how many items ran at once), not results
+TIMED = ("wall_s", "setup_s", "elapsed_s", "run_rtf", "stage_busy_s", "latency", "jobs")
+
+
+def _results(out: Path) -> list[dict[str, Any]]:
+    """records.jsonl, line by line, without what depends on timing."""
+    return [{k: v for k, v in r.items() if k not in TIMED} for r in records(out)]
+
+
+async def _run_jobs(ev: Path, out: Path, jobs: int, **kw: Any) -> tuple[dict[str, Any],
+                                                                       list[str], int]:
+    """Run with ``jobs``; the report, the keys passed to on_record, the most items at once."""
+    evalstages.PEAK = 0
+    seen: list[str] = []
+    rep = await run_eval(ev, out, jobs=jobs, on_record=lambda r: seen.append(r["key"]), **kw)
+    assert evalstages.IN_FLIGHT == 0
+    return rep, seen, evalstages.PEAK
+
+
+async def test_jobs_3_gives_the_records_and_report_of_jobs_1(tiny_audio: Path,
+                                                             tmp_path: Path) -> None:
+    rows = [{"id": f"{i}{n}", "audio": str(tiny_audio / f"{i}.wav"), "transcript": t,
+             "answers": a} for n in (1, 2) for i, t, a in TINY]
+    man = write_manifest(tmp_path, rows)
+    # the first item is the slowest, the third the fastest: with 3 at once they finish in
+    # the reverse order
+    echo = write_pipeline(tmp_path, "echo", asr={"delay_if": {"france": 0.3, "hello": 0.15}})
+    noisy = write_pipeline(tmp_path, "noisy", asr={"drop_last": 1},
+                           lm={"kind": "lm", "plugin": "evaltest-echo-text"})
+    ev = write_eval(tmp_path, man, [{"name": "echo", "config": echo.name},
+                                    {"name": "noisy", "config": noisy.name}],
+                    dnsmos={"enabled": False})
+    one, seen1, peak1 = await _run_jobs(ev, tmp_path / "one", 1)
+    three, seen3, peak3 = await _run_jobs(ev, tmp_path / "three", 3)
+    assert peak1 == 1 and 2 <= peak3 <= 3  # one at a time; then several, never more than 3
+    keys = [f"{p}/{r['id']}" for p in ("echo", "noisy") for r in rows]
+    assert seen1 == seen3 == keys  # saved and passed on in item order
+    assert _results(tmp_path / "one") == _results(tmp_path / "three")
+    assert [r["jobs"] for r in records(tmp_path / "three")] == [3] * 12
+    assert _strip_timing(one) == _strip_timing(three)
+    assert by_name(three)["echo"]["content"]["qa_accuracy"]["value"] == pytest.approx(2 / 3)
+    # the report says which jobs value ran, and warns that latencies are not comparable
+    assert one["run"]["jobs"] == 1 and three["run"]["jobs"] == 3
+    assert [b["jobs"] for b in three["pipelines"]] == [[3], [3]]
+    md1 = write_report(one, tmp_path / "one", plots=False)["markdown"].read_text()
+    md3 = write_report(three, tmp_path / "three", plots=False)["markdown"].read_text()
+    assert "**Jobs**: 1 (items one at a time)" in md1 and "--jobs > 1" not in md1
+    assert "**Jobs**: 3 items at once" in md3
+    assert "echo, noisy ran several items at once (--jobs > 1)" in md3
+
+
+class _Bar:
+    """Records what the harness shows on a progress bar."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0) -> None:
+        self.n, self.postfix = initial, ""
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix_str(self, s: str) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        BARS.append(self)
+
+
+BARS: list[_Bar] = []
+
+
+def _hang_file(tmp_path: Path, tiny_audio: Path) -> None:
+    hang = tmp_path / "hang.wav"
+    hang.write_bytes((tiny_audio / "three.wav").read_bytes())
+    Path(f"{hang}.txt").write_text("hang here please")
+
+
+async def test_failing_items_under_jobs_3_are_reported_as_under_jobs_1(
+        tiny_audio: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import omniframe_eval.harness as harness
+
+    _bad_files(tmp_path, tiny_audio)
+    _hang_file(tmp_path, tiny_audio)
+    rows = [
+        {"id": "hang", "audio": "hang.wav", "transcript": "hang here please"},
+        {"id": "good", "audio": str(tiny_audio / "hello.wav"), "transcript": "please say the "
+         "word hello", "answers": ["hello"]},
+        {"id": "missing", "audio": "nowhere.wav", "transcript": "x"},
+        {"id": "corrupt", "audio": "corrupt.wav", "transcript": "x"},
+        {"id": "silent", "audio": "silent.wav", "transcript": "nothing"},
+        {"id": "boom", "audio": "boom.wav", "transcript": "boom goes the test"},
+    ]
+    man = write_manifest(tmp_path, rows, extra_lines=["{broken json"])
+    crashy = write_pipeline(tmp_path, "crashy", lm={"kind": "lm", "plugin": "evaltest-crash"},
+                            asr={"delay_if": {"hang": 60}})
+    ev = write_eval(tmp_path, man, [{"name": "crashy", "config": crashy.name}],
+                    item_timeout_s=2)
+    monkeypatch.setattr(harness, "_progress", _Bar)
+    BARS.clear()
+    outcome = {}
+    for jobs in (1, 3):
+        rep, seen, _ = await _run_jobs(ev, tmp_path / f"run{jobs}", jobs, timeout=30)
+        (b,) = rep["pipelines"]
+        assert (b["items"], b["ok"], b["failed"]) == (7, 1, 6)
+        assert seen == [f"crashy/{r['id']}" for r in rows] + ["crashy/line-7"]
+        per_item = [{k: v for k, v in it.items() if k != "v2v"} for it in b["per_item"]]
+        outcome[jobs] = (_results(tmp_path / f"run{jobs}"), b["failures"], per_item)
+    assert outcome[1][0] == outcome[3][0]
+    assert outcome[1][1] == outcome[3][1]
+    assert outcome[1][2] == outcome[3][2]
+    reasons = {f["item"]: f["reason"] for f in outcome[3][1]}
+    assert "timed out after 2 s" in reasons["hang"]
+    assert "refuses the word 'boom'" in reasons["boom"]
+    # the progress bar counted every item once, and ended with the right counts
+    assert [(bar.n, bar.postfix) for bar in BARS] == [(7, "ok=1 failed=6")] * 2
+
+
+async def test_a_cancel_under_jobs_3_keeps_the_items_that_finished_out_of_order(
+        tiny_audio: Path, tmp_path: Path) -> None:
+    """The first item hangs; the two after it finish and wait for it (records are saved in
+    item order). Cancelling the run (Ctrl-C in the CLI) must save them at once, not lose
+    them, and not wait for the hanging item."""
+    import time
+
+    _hang_file(tmp_path, tiny_audio)
+    rows = [{"id": "hang", "audio": "hang.wav", "transcript": "hang here please"},
+            *({"id": i, "audio": str(tiny_audio / f"{i}.wav"), "transcript": t}
+              for i, t, _ in TINY[1:])]
+    man = write_manifest(tmp_path, rows)
+    slow = write_pipeline(tmp_path, "slow", asr={"delay_if": {"hang": 60}})
+    ev = write_eval(tmp_path, man, [{"name": "slow", "config": slow.name}],
+                    dnsmos={"enabled": False})
+    out = tmp_path / "run"
+    harness = Harness(load_eval_config(ev), out, progress=False, jobs=3)
+    t0 = time.monotonic()
+    with anyio.move_on_after(1.5):
+        await harness.run()
+        pytest.fail("the hanging item should have kept the run going")
+    assert time.monotonic() - t0 < 3.0
+    assert [r["item"] for r in records(out)] == ["hello", "three"]
+    assert all(r["status"] == "ok" for r in records(out))
+
+
+def test_jobs_must_be_a_whole_number_from_1(tiny_audio: Path, tmp_path: Path) -> None:
+    from omniframe_eval.evalconfig import EvalConfigError
+    from omniframe_eval.harness import HarnessError
+
+    ev = write_eval(tmp_path, write_manifest(tiny_audio), [{"name": "x", "config": "x.yaml"}])
+    for bad in ("0", "-2", "1.5", "two", "true"):
+        with pytest.raises(EvalConfigError, match=r"jobs: .*jobs is how many items run at "
+                                                  r"once: a whole number, 1 or more"):
+            load_eval_config(ev, [f"jobs={bad}"])
+    cfg = load_eval_config(ev, ["jobs=4"])
+    assert cfg.jobs == 4 and Harness(cfg, tmp_path / "o").jobs == 4
+    assert Harness(cfg, tmp_path / "o", jobs=2).jobs == 2
+    for bad_jobs in (0, -1, True):
+        with pytest.raises(HarnessError, match="jobs is how many items run at once"):
+            Harness(cfg, tmp_path / "o", jobs=bad_jobs)
 
 
 def test_limit_takes_the_first_items_or_spreads_them(tmp_path: Path) -> None:
