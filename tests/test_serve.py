@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -374,6 +375,52 @@ async def test_session_update_vad_threshold(server: Server) -> None:
         await c.append(x)
         evs = await c.until("response.done")
         assert "input_audio_buffer.speech_started" in types(evs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pipecat") is None,
+                    reason="the Smart Turn model ships in pipecat-ai (scripts/setup.sh)")
+async def test_semantic_vad_ends_a_finished_question_without_the_long_silence(
+        server: Server) -> None:
+    """semantic_vad switches the VAD to Smart Turn: a finished question followed by 700 ms of
+    silence ends the turn, where server_vad with 1500 ms of silence_duration does not."""
+    from omniframe.testing import espeak
+
+    speech = espeak("Tell me about the weather in Paris.", sample_rate=24000)
+    x = np.concatenate([np.zeros(7200, np.float32), speech, np.zeros(16800, np.float32)])
+    async with sdk_client(server) as c:
+        await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"turn_detection": {"type": "server_vad",
+                                         "silence_duration_ms": 1500}}}}})
+        await c.until("session.updated")
+        await c.append(x)
+        await c.say("marker")
+        await c.send({"type": "response.create"})
+        evs = await c.until("response.done", timeout=30)
+        assert "input_audio_buffer.speech_stopped" not in types(evs)
+    async with sdk_client(server) as c:  # a new session: no turn left open
+        await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"turn_detection": {"type": "semantic_vad", "eagerness": "low"}}}}})
+        td = (await c.until("session.updated"))[-1]["session"]["audio"]["input"][
+            "turn_detection"]
+        assert td == {"type": "semantic_vad", "eagerness": "low", "create_response": True,
+                      "interrupt_response": True}
+        await c.append(x)
+        evs = await c.until("input_audio_buffer.speech_stopped", timeout=30)
+        stopped = evs[-1]["audio_end_ms"]
+        await c.until("response.done", timeout=30)
+
+        await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"turn_detection": {"type": "semantic_vad", "eagerness": "sometimes"}}}}})
+        err = (await c.until("error"))[-1]["error"]
+        assert err["param"] == "turn_detection.eagerness" and "low" in err["message"]
+        # back to silence: 300 ms now ends a turn (the end-of-turn model is off again)
+        await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}}})
+        td = (await c.until("session.updated"))[-1]["session"]["audio"]["input"][
+            "turn_detection"]
+        assert td["type"] == "server_vad" and td["silence_duration_ms"] == 300
+    speech_end_ms = 1000 * (7200 + np.flatnonzero(np.abs(speech) > 0.02)[-1]) / 24000
+    assert abs(stopped - speech_end_ms) < 100  # where the question ended
 
 
 async def test_no_turn_detection_commit_and_clear(server: Server) -> None:

@@ -454,15 +454,24 @@ class RealtimeSession:
         if "turn_detection" in changes:
             td = changes["turn_detection"]
             if td is not None:
+                if td["type"] == "semantic_vad":
+                    await self._smart_turn_ready()
                 for vad in self.vads:
-                    opts: dict[str, Any] = {
-                        "threshold": _vad_threshold(vad, td["threshold"]),
-                        "hangover_ms": float(td["silence_duration_ms"]),
-                        "pre_roll_ms": float(td["prefix_padding_ms"]),
-                        "interrupt": bool(td["interrupt_response"]),
-                    }
-                    ok = {k: v for k, v in opts.items() if k in type(vad).live_options
-                          and update_problem(vad, {k: v}) is None}
+                    opts: dict[str, Any] = {"interrupt": bool(td["interrupt_response"])}
+                    if td["type"] == "semantic_vad":
+                        threshold, wait_ms = P.SEMANTIC_EAGERNESS[td["eagerness"]]
+                        opts.update(end_of_turn="smart_turn", end_of_turn_threshold=threshold,
+                                    hangover_ms=float(wait_ms))
+                    else:
+                        opts.update(threshold=_vad_threshold(vad, td["threshold"]),
+                                    hangover_ms=float(td["silence_duration_ms"]),
+                                    pre_roll_ms=float(td["prefix_padding_ms"]),
+                                    end_of_turn="silence")
+                    live = {k: v for k, v in opts.items() if k in type(vad).live_options}
+                    if update_problem(vad, live) is None:  # together: they depend on each other
+                        ok = live
+                    else:
+                        ok = {k: v for k, v in live.items() if update_problem(vad, {k: v}) is None}
                     if ok:
                         per_stage.setdefault(vad.context.name, {}).update(ok)
             else:
@@ -471,6 +480,24 @@ class RealtimeSession:
         for name, opts in per_stage.items():
             await self.pipeline.update(name, **opts)
         return applied
+
+    async def _smart_turn_ready(self) -> None:
+        """semantic_vad runs Smart Turn in the VADs: load it now (once per process), or refuse
+        the update with the reason, leaving the session as it was."""
+        from omniframe.audio import AudioError
+
+        for vad in self.vads:
+            load = getattr(vad, "setup_end_of_turn", None)
+            if load is None or "end_of_turn" not in type(vad).live_options:
+                raise ProtocolError("invalid_value", f"the VAD {vad.context.name!r} has no "
+                                    f"end-of-turn model to switch to; use server_vad",
+                                    param="turn_detection.type")
+            try:
+                await load()
+            except AudioError as exc:
+                raise ProtocolError("invalid_value", f"semantic_vad needs the Smart Turn "
+                                    f"model, which this server cannot load: {exc}",
+                                    param="turn_detection.type") from None
 
     @property
     def server_vad(self) -> bool:

@@ -220,6 +220,16 @@ DEFAULT_TURN_DETECTION: dict[str, Any] = {
     "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
     "silence_duration_ms": 500, "create_response": True, "interrupt_response": True,
 }
+DEFAULT_SEMANTIC_VAD: dict[str, Any] = {
+    "type": "semantic_vad", "eagerness": "auto", "create_response": True,
+    "interrupt_response": True,
+}
+#: semantic_vad's eagerness -> (Smart Turn's probability that ends a turn, the longest wait in
+#: ms when it says the user is not done). OpenAI's own waits are 8 s (low), 4 s (medium,
+#: auto) and 2 s (high); ours are shorter because Smart Turn is asked after 200 ms already.
+SEMANTIC_EAGERNESS: dict[str, tuple[float, int]] = {
+    "low": (0.7, 4000), "medium": (0.5, 2000), "auto": (0.5, 2000), "high": (0.3, 1000),
+}
 
 
 @dataclass
@@ -314,17 +324,27 @@ class SessionConfig:
         if not isinstance(td, dict):
             raise ProtocolError("invalid_value", "'turn_detection' must be an object or null",
                                 param="turn_detection")
-        base = dict(self.turn_detection or DEFAULT_TURN_DETECTION)
         kind = td.get("type", "server_vad")
         if kind not in ("server_vad", "semantic_vad"):
             raise ProtocolError("invalid_value", f"unknown turn_detection type {kind!r}",
                                 param="turn_detection.type")
-        base["type"] = "server_vad"  # semantic_vad is served by the pipeline's VAD too
-        if td.get("threshold") is not None:
-            base["threshold"] = _num(td["threshold"], "turn_detection.threshold", 0.0, 1.0)
-        for k in ("prefix_padding_ms", "silence_duration_ms"):
-            if td.get(k) is not None:
-                base[k] = int(_num(td[k], f"turn_detection.{k}", 0, 60_000))
+        prev = self.turn_detection if (self.turn_detection or {}).get("type") == kind else None
+        base = dict(prev or (DEFAULT_TURN_DETECTION if kind == "server_vad"
+                             else DEFAULT_SEMANTIC_VAD))
+        if kind == "semantic_vad":  # the VAD plus Smart Turn (end_of_turn: smart_turn)
+            if td.get("eagerness") is not None:
+                if td["eagerness"] not in SEMANTIC_EAGERNESS:
+                    raise ProtocolError(
+                        "invalid_value", f"turn_detection.eagerness must be one of "
+                        f"{', '.join(SEMANTIC_EAGERNESS)}, got {td['eagerness']!r}",
+                        param="turn_detection.eagerness")
+                base["eagerness"] = td["eagerness"]
+        else:
+            if td.get("threshold") is not None:
+                base["threshold"] = _num(td["threshold"], "turn_detection.threshold", 0.0, 1.0)
+            for k in ("prefix_padding_ms", "silence_duration_ms"):
+                if td.get(k) is not None:
+                    base[k] = int(_num(td[k], f"turn_detection.{k}", 0, 60_000))
         for k in ("create_response", "interrupt_response"):
             if td.get(k) is not None:
                 if not isinstance(td[k], bool):

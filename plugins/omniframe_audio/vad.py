@@ -140,7 +140,8 @@ class VADStage(Stage):
     # a client's turn_detection update (OpenAI Realtime server_vad) changes these live
     live_options = frozenset({"threshold", "min_speech_ms", "hangover_ms", "pre_roll_ms",
                               "post_roll_ms", "max_turn_s", "interrupt", "tentative_ms",
-                              "end_of_turn_after_ms", "end_of_turn_threshold"})
+                              "end_of_turn", "end_of_turn_after_ms",
+                              "end_of_turn_threshold"})
 
     # ------------------------------------------------------------------- backend hooks
 
@@ -185,13 +186,17 @@ class VADStage(Stage):
         """Load the end-of-turn model when ``end_of_turn`` names one (shared by every
         pipeline in the process). Backends with their own setup call this first."""
         if self.options.end_of_turn == "smart_turn":  # type: ignore[attr-defined]
-            from omniframe.resources import default_resources
-            from omniframe_audio.smart_turn import load_smart_turn
+            await self.setup_end_of_turn()
 
-            uri = self.options.end_of_turn_model  # type: ignore[attr-defined]
-            resources = self.context.resources or default_resources()
-            self._eot_model = await resources.aget(("smart_turn", uri),
-                                                   lambda: load_smart_turn(uri))
+    async def setup_end_of_turn(self) -> None:
+        """Load the Smart Turn model (once per process and URI); AudioError if it cannot."""
+        from omniframe.resources import default_resources
+        from omniframe_audio.smart_turn import load_smart_turn
+
+        uri = self.options.end_of_turn_model  # type: ignore[attr-defined]
+        resources = self.context.resources or default_resources()
+        self._eot_model = await resources.aget(("smart_turn", uri),
+                                               lambda: load_smart_turn(uri))
 
     def _init_stream(self, frame: AudioFrame) -> None:
         rate = int(frame.sample_rate)
@@ -374,7 +379,8 @@ class VADStage(Stage):
 
     def _eot_due(self, voiced: bool, e: int) -> bool:
         """Whether the end-of-turn model is to be asked about the pause that reaches ``e``."""
-        return (self._eot_model is not None and self._in_turn and not voiced
+        return (self.options.end_of_turn != "silence"  # type: ignore[attr-defined]
+                and self._in_turn and not voiced
                 and not self._eot_asked and e - self._last_voiced_end >= self._eot_after_n
                 and e - self._last_voiced_end < self._hangover_n)
 
@@ -387,6 +393,8 @@ class VADStage(Stage):
         audio = self._slice(self._turn_audio_start, e)
         t0 = time.perf_counter()
         try:
+            if self._eot_model is None:  # switched on while running (a client's semantic_vad)
+                await self.setup_end_of_turn()
             p = await self.run_sync(self._eot_model.probability, audio, self._in_rate)
         except Exception as exc:  # the model is an aid: the hangover still decides
             self.log.warning("end_of_turn_model_failed", turn=self._turn, error=str(exc))
