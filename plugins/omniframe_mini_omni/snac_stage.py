@@ -5,6 +5,7 @@ and forwards the EndOfTurnFrame after it. torch and snac are imported in ``setup
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from pydantic import Field
@@ -23,7 +24,6 @@ from omniframe.stage import Stage, StageOptions
 __all__ = ["SnacCodec"]
 
 
-
 class SnacCodec(Stage):
     """SNAC 24 kHz decoder for Mini-Omni's 7-code frames, streamed in chunks.
 
@@ -32,6 +32,9 @@ class SnacCodec(Stage):
     clicks at chunk borders; look-ahead costs 85 ms per frame of latency), the final partial
     chunk is decoded at the end of the turn, and frames holding special tokens (>= 4096) are
     dropped instead of reaching SNAC. ``deterministic: true`` turns SNAC's noise off.
+    ``batch: true`` (default) decodes this session's chunks in one SNAC forward with the chunks
+    of other sessions on the same model that are pending at the same time
+    (:mod:`omniframe_mini_omni.snac_batch`: no waiting window, grouped by shape, the same audio).
     """
 
     kind = "codec"
@@ -62,6 +65,11 @@ class SnacCodec(Stage):
         faster on CPU. false: SNAC's own modules, as the reference."""
         seed: int = 0
         """Seed of ``random://`` weights."""
+        batch: bool = True
+        """Decode chunks of the sessions sharing this SNAC model together when several are
+        pending at once (one forward per chunk shape; a lone session's chunk is decoded at once,
+        as with false). Audio equals the solo decode (bitwise on CPU with one torch thread, else
+        within float rounding): see :mod:`omniframe_mini_omni.snac_batch`."""
 
     async def setup(self) -> None:
         from omniframe_mini_omni.snac_codec import load_snac
@@ -76,6 +84,13 @@ class SnacCodec(Stage):
         self._turn: int | None = None
         self._decoder: Any = None
         self.dropped_frames = 0
+        self.batcher: Any = None
+        if o.batch:
+            from omniframe_mini_omni.snac_batch import SnacBatcher
+
+            model = self.model
+            self.batcher = await self.shared_model(
+                ("mini-omni/snac-batcher", *key), lambda: SnacBatcher(model, device))
         await self.run_compute(self._warm_up)
 
     def _warm_up(self) -> None:
@@ -127,7 +142,7 @@ class SnacCodec(Stage):
             return
         while dec.ready():
             start, end = dec.next_chunk()
-            samples = await self.run_compute(dec.decode_range, start, end)
+            samples = await self._decode(dec, start, end)
             if self._decoder is not dec:  # interrupted while decoding: drop it
                 return
             yield self._audio(samples)
@@ -141,10 +156,18 @@ class SnacCodec(Stage):
         if dec.dropped:
             self.log.info("frames with special tokens were not decoded", turn=turn,
                           dropped=dec.dropped, decoded=len(dec.frames))
-        if self.options.decode_tail:
-            samples = await self.run_compute(dec.flush)
-            if samples is not None and len(samples):
+        if self.options.decode_tail and dec.emitted < len(dec.frames):
+            # dec.flush(): the final partial chunk and any held look-ahead
+            samples = await self._decode(dec, dec.emitted, len(dec.frames), right=0)
+            if len(samples):
                 yield self._audio(samples)
+
+    async def _decode(self, dec: Any, start: int, end: int, right: int | None = None) -> Any:
+        """Audio of frames [start, end) of ``dec`` (``dec.decode_range``), through the batcher
+        shared by the sessions on this model, or alone on the compute thread."""
+        if self.batcher is not None:
+            return await self.batcher.decode(dec, start, end, right=right)
+        return await self.run_compute(partial(dec.decode_range, start, end, right=right))
 
     async def interrupt(self, frame: InterruptFrame) -> AsyncIterator[Frame]:
         self._decoder, self._turn = None, None  # drop the answer in flight
