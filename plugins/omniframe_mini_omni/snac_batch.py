@@ -22,7 +22,14 @@ How it schedules (the style of :mod:`omniframe.engine`'s step loop, without a lo
   (``test_padding_would_change_the_audio`` shows it). In steady state every session's window
   has the same length (``context + frames_per_chunk + lookahead``); the first chunk, the tail
   and sessions with other chunk options form their own groups. Groups run in the order of
-  their first chunk's arrival, at most ``max_batch`` rows per forward.
+  their first chunk's arrival.
+* **Size cap.** A forward holds at most ``max_frames`` frames in all (rows x window; one row
+  always fits). On CPU SNAC is compute- and memory-bound, not weight-bound: measured on the
+  2-core dev CPU (benchmarks/snac_batch.py), 1-frame windows decode 1.07-1.15x faster as
+  2-4 rows, 4-frame windows 1.0-1.04x, 10-frame windows 0.75-0.8x (the bigger activations
+  fall out of cache), and every row waits for the whole batch. So the CPU default is
+  :data:`CPU_MAX_FRAMES` (4: batches only where measured no slower); on a GPU, where a forward
+  is bound by kernel launches and rows are nearly free, :data:`GPU_MAX_FRAMES`.
 * **Exactness.** A group of one is decoded by :meth:`ChunkedDecoder.decode_range` itself, the
   ``batch: false`` path. A group of several is cut from one ``model.decode`` on the stacked
   codes, with the same clamp and crop. With ``fast`` SNAC (the default) and one torch thread
@@ -66,12 +73,14 @@ if TYPE_CHECKING:
 
     from .snac_codec import ChunkedDecoder
 
-__all__ = ["MAX_BATCH", "SnacBatcher", "decode_batch"]
+__all__ = ["CPU_MAX_FRAMES", "GPU_MAX_FRAMES", "SnacBatcher", "decode_batch"]
 
 log = structlog.get_logger("omniframe.mini_omni.snac_batch")
 
-MAX_BATCH = 16
-"""Default most rows (chunks) per SNAC forward."""
+CPU_MAX_FRAMES = 4
+"""Default frames (rows x window) per SNAC forward on CPU: see "Size cap" above."""
+GPU_MAX_FRAMES = 256
+"""Default frames per SNAC forward elsewhere (not measured yet on a GPU; bounds memory)."""
 
 
 def decode_batch(model: Any, windows: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
@@ -120,15 +129,18 @@ class SnacBatcher:
         model: the loaded SNAC model (``snac_codec.load_snac``).
         device: the stages' device string: ``cpu...`` runs drain jobs on the process's compute
             thread, anything else on a thread of this batcher.
-        max_batch: most chunks per SNAC forward.
+        max_frames: most frames (rows x window width) per SNAC forward; one row always fits.
+            None: :data:`CPU_MAX_FRAMES` on CPU, :data:`GPU_MAX_FRAMES` elsewhere.
     """
 
-    def __init__(self, model: Any, device: str = "cpu", *, max_batch: int = MAX_BATCH) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model = model
+    def __init__(self, model: Any, device: str = "cpu", *, max_frames: int | None = None) -> None:
         self.device = str(device)
-        self.max_batch = max_batch
+        if max_frames is None:
+            max_frames = CPU_MAX_FRAMES if self.device.startswith("cpu") else GPU_MAX_FRAMES
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.model = model
+        self.max_frames = max_frames
         self._lock = threading.Lock()
         self._pending: list[_Chunk] = []
         self._scheduled = False  # a drain job is queued and has not taken the pending chunks
@@ -207,9 +219,10 @@ class SnacBatcher:
             groups: dict[int, list[_Chunk]] = {}
             for c in live:  # dicts keep insertion order: groups run by first arrival
                 groups.setdefault(c.width, []).append(c)
-            for group in groups.values():
-                for i in range(0, len(group), self.max_batch):
-                    self._run(group[i : i + self.max_batch])
+            for width, group in groups.items():
+                rows = max(1, self.max_frames // width)
+                for i in range(0, len(group), rows):
+                    self._run(group[i : i + rows])
         except BaseException as exc:  # a bug here must not leave a caller waiting
             log.exception("SNAC batch drain failed")
             for c in live:

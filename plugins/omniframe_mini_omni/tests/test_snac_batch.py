@@ -137,7 +137,7 @@ def test_pending_chunks_of_sessions_share_one_forward_per_shape(snac_model):
                        lookahead_frames=1) for n in (6, 7, 4))
     refs = [decoder(snac_model, d.frames, per_chunk=2, context_frames=1, lookahead_frames=1)
             for d in (a, b, c)]
-    batcher = SnacBatcher(snac_model)
+    batcher = SnacBatcher(snac_model, max_frames=64)
     with Blocked():
         fa = batcher.submit(a, 2, 4)  # window [1, 5): 4 frames
         fb = batcher.submit(b, 4, 6)  # window [3, 7): 4 frames
@@ -162,15 +162,19 @@ def test_a_lone_chunk_is_decoded_at_once_without_a_window():
     assert batcher.forwards == {1: 1} and model.rows == [1] and batcher.pending == 0
 
 
-def test_max_batch_splits_a_group():
+def test_max_frames_splits_a_group():
+    """At most max_frames frames per forward (rows x window); a wider window goes alone."""
     model = FakeSnac()
-    batcher = SnacBatcher(model, max_batch=2)
+    batcher = SnacBatcher(model)
+    assert batcher.max_frames == 4  # the CPU default
     decs = [decoder(model, random_frames(2, seed=s), per_chunk=2) for s in range(5)]
+    wide = [decoder(model, random_frames(5, seed=s), per_chunk=5) for s in range(2)]
     with Blocked():
-        futures = [batcher.submit(d, 0, 2) for d in decs]
-    for d, f in zip(decs, futures, strict=True):
+        futures = [batcher.submit(d, 0, d.frames_per_chunk) for d in (*decs, *wide)]
+    for d, f in zip((*decs, *wide), futures, strict=True):
         np.testing.assert_array_equal(f.result(10), decode_frames(FakeSnac(), d.frames))
-    assert model.rows == [2, 2, 1]
+    assert model.rows == [2, 2, 1, 1, 1]
+    assert SnacBatcher(model, device="cuda").max_frames == 256
 
 
 # ----------------------------------------------------------------------------- cancellation
@@ -178,7 +182,7 @@ def test_max_batch_splits_a_group():
 
 def test_a_chunk_cancelled_while_queued_is_dropped_alone():
     model = FakeSnac()
-    batcher = SnacBatcher(model)
+    batcher = SnacBatcher(model, max_frames=64)
     a, b, c = (decoder(model, random_frames(4, seed=s)) for s in range(3))
     with Blocked():
         fa, fb, fc = (batcher.submit(d, 0, 4) for d in (a, b, c))
@@ -194,7 +198,7 @@ async def test_a_caller_cancelled_during_its_batch_waits_for_the_batch():
     the forward ended (its clean-up never overlaps the decode); the others get their audio."""
     model = FakeSnac()
     model.gate = threading.Event()
-    batcher = SnacBatcher(model)
+    batcher = SnacBatcher(model, max_frames=64)
     a, b = (decoder(model, random_frames(4, seed=s)) for s in range(2))
     results: dict[str, object] = {}
     scopes: dict[str, anyio.CancelScope] = {}
@@ -236,7 +240,7 @@ def test_a_failing_forward_fails_only_the_chunk_that_fails_alone():
             raise RuntimeError("SNAC blew up")
 
     model.fail = fail
-    batcher = SnacBatcher(model)
+    batcher = SnacBatcher(model, max_frames=64)
     good = [decoder(model, random_frames(4, seed=s)) for s in range(2)]
     bad = decoder(model, [(poison, *random_frames(1)[0][1:]), *random_frames(3)])
     with Blocked():
@@ -259,7 +263,7 @@ def test_a_forward_failing_only_in_a_batch_still_serves_everyone():
             raise RuntimeError("out of memory")
 
     model.fail = fail
-    batcher = SnacBatcher(model)
+    batcher = SnacBatcher(model, max_frames=64)
     decs = [decoder(model, random_frames(4, seed=s)) for s in range(3)]
     with Blocked():
         futures = [batcher.submit(d, 0, 4) for d in decs]
@@ -269,7 +273,7 @@ def test_a_forward_failing_only_in_a_batch_still_serves_everyone():
 
 def test_a_chunk_with_a_special_fails_alone_before_the_forward():
     model = FakeSnac()
-    batcher = SnacBatcher(model)
+    batcher = SnacBatcher(model, max_frames=64)
     decs = [decoder(model, random_frames(4, seed=s)) for s in range(3)]
     decs[1].frames[2] = (1, 2, 3, 4, 5, 6, 4100)  # past push's check (a bug upstream)
     with Blocked():
@@ -304,8 +308,8 @@ def test_a_gone_executor_fails_the_chunk_clearly():
     assert batcher.pending == 0
     with pytest.raises(ValueError, match="are not in a decoder holding 4 frames"):
         batcher.submit(decoder(model, random_frames(4)), 2, 6)
-    with pytest.raises(ValueError, match="max_batch must be >= 1"):
-        SnacBatcher(model, max_batch=0)
+    with pytest.raises(ValueError, match="max_frames must be >= 1"):
+        SnacBatcher(model, max_frames=0)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -350,7 +354,7 @@ async def test_three_sessions_batched_equal_their_solo_runs():
         await alone.setup()
         for turn, (name, frames) in enumerate(answers.items(), 1):
             solo[name] = await answer(alone, frames, turn)
-        stages = {name: codec(res) for name in answers}
+        stages = {name: codec(res, batch_max_frames=64) for name in answers}
         for stage in stages.values():
             await stage.setup()
         batcher = stages["a"].batcher
