@@ -36,6 +36,11 @@ constexpr int kMaxRows = 8;
 // the dot-product bodies are inlined into the row loops: accumulators stay in registers
 #define OMNI_INLINE inline __attribute__((always_inline))
 
+// The first register group of each weight row prefetches the row kPrefetchRows ahead (into
+// L1, a cache line per 64 bytes read): a core then streams ~20 % more bytes per second than
+// with the hardware prefetchers alone (2-core Xeon, one thread). No effect on the results.
+constexpr int64_t kPrefetchRows = 2;
+
 // Rows [n0, n1) of w: out[m] = dot(x row m, w row n) for the M rows, then bias, rounding.
 inline void store_row(const float* dots, int M, const uint16_t* bias, uint16_t* y, int64_t N,
                       int64_t n) {
@@ -58,13 +63,16 @@ constexpr int kAcc = 4;     // independent accumulators per row (k split)
 constexpr int kChunk = 32;  // bf16 values per 512-bit register
 
 // dots of G rows of x (bf16, K apart) with one weight row; K % 32 == 0.
-template <int G>
-OMNI_BF16 OMNI_INLINE void bf16_dots(const uint16_t* x, const uint16_t* row, int64_t K, float* out) {
+template <int G, bool PF>
+OMNI_BF16 OMNI_INLINE void bf16_dots(const uint16_t* x, const uint16_t* row, int64_t K, float* out,
+                                     const char* pf) {
   __m512 acc[G][kAcc];
   for (int m = 0; m < G; ++m)
     for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + kChunk * kAcc <= K; k += kChunk * kAcc) {
+    if constexpr (PF)
+      for (int a = 0; a < kAcc; ++a) _mm_prefetch(pf + 2 * (k + kChunk * a), _MM_HINT_T0);
     for (int a = 0; a < kAcc; ++a) {
       __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + kChunk * a);
       for (int m = 0; m < G; ++m) {
@@ -93,11 +101,12 @@ OMNI_BF16 void bf16_rows(const uint16_t* x, const uint16_t* w, const uint16_t* b
   float dots[kMaxRows];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * K;
+    const char* pf = reinterpret_cast<const char*>(row + kPrefetchRows * K);
     if constexpr (M <= 4) {
-      bf16_dots<M>(x, row, K, dots);
+      bf16_dots<M, true>(x, row, K, dots, pf);
     } else {
-      bf16_dots<4>(x, row, K, dots);
-      bf16_dots<M - 4>(x + 4 * K, row, K, dots + 4);
+      bf16_dots<4, true>(x, row, K, dots, pf);
+      bf16_dots<M - 4, false>(x + 4 * K, row, K, dots + 4, nullptr);
     }
     store_row(dots, M, bias, y, N, n);
   }
@@ -120,14 +129,19 @@ OMNI_F512 void widen_x512(const uint16_t* x, float* xf, int64_t n) {
 
 // dots of G rows of xf (float32, widened, K apart) with one bf16 weight row; K % 32 == 0.
 // Per row 4 accumulators: even/odd values of two 32-value chunks.
-template <int G>
-OMNI_F512 OMNI_INLINE void f512_dots(const float* xf, const uint16_t* row, int64_t K, float* out) {
+template <int G, bool PF>
+OMNI_F512 OMNI_INLINE void f512_dots(const float* xf, const uint16_t* row, int64_t K, float* out,
+                                     const char* pf) {
   const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
   __m512 acc[G][4];
   for (int m = 0; m < G; ++m)
     for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
+    if constexpr (PF) {
+      _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
+      _mm_prefetch(pf + 2 * k + 64, _MM_HINT_T0);
+    }
     for (int c = 0; c < 2; ++c) {
       __m512i wv = _mm512_loadu_si512(row + k + 32 * c);
       __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
@@ -162,11 +176,12 @@ OMNI_F512 void f512_rows(const float* xf, const uint16_t* w, const uint16_t* bia
   float dots[kMaxRows];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * K;
+    const char* pf = reinterpret_cast<const char*>(row + kPrefetchRows * K);
     if constexpr (M <= 4) {
-      f512_dots<M>(xf, row, K, dots);
+      f512_dots<M, true>(xf, row, K, dots, pf);
     } else {
-      f512_dots<4>(xf, row, K, dots);
-      f512_dots<M - 4>(xf + 4 * K, row, K, dots + 4);
+      f512_dots<4, true>(xf, row, K, dots, pf);
+      f512_dots<M - 4, false>(xf + 4 * K, row, K, dots + 4, nullptr);
     }
     store_row(dots, M, bias, y, N, n);
   }
@@ -194,14 +209,16 @@ OMNI_AVX2 OMNI_INLINE float hsum256(__m256 v) {
 }
 
 // dots of G (<= 2) rows; per row 4 accumulators: even/odd values of two 16-value chunks.
-template <int G>
-OMNI_AVX2 OMNI_INLINE void f256_dots(const float* xf, const uint16_t* row, int64_t K, float* out) {
+template <int G, bool PF>
+OMNI_AVX2 OMNI_INLINE void f256_dots(const float* xf, const uint16_t* row, int64_t K, float* out,
+                                     const char* pf) {
   const __m256i hi = _mm256_set1_epi32(int(0xFFFF0000u));
   __m256 acc[G][4];
   for (int m = 0; m < G; ++m)
     for (int a = 0; a < 4; ++a) acc[m][a] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {  // K % 32 == 0: no tail
+    if constexpr (PF) _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
     for (int c = 0; c < 2; ++c) {
       __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 16 * c));
       __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
@@ -226,9 +243,15 @@ OMNI_AVX2 void f256_rows(const float* xf, const uint16_t* w, const uint16_t* bia
   float dots[kMaxRows];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * K;
-    int m = 0;
-    for (; m + 2 <= M; m += 2) f256_dots<2>(xf + m * K, row, K, dots + m);
-    if (m < M) f256_dots<1>(xf + m * K, row, K, dots + m);
+    const char* pf = reinterpret_cast<const char*>(row + kPrefetchRows * K);
+    if constexpr (M == 1) {
+      f256_dots<1, true>(xf, row, K, dots, pf);
+    } else {
+      f256_dots<2, true>(xf, row, K, dots, pf);
+      int m = 2;
+      for (; m + 2 <= M; m += 2) f256_dots<2, false>(xf + m * K, row, K, dots + m, nullptr);
+      if (m < M) f256_dots<1, false>(xf + m * K, row, K, dots + m, nullptr);
+    }
     store_row(dots, M, bias, y, N, n);
   }
 }
