@@ -159,6 +159,89 @@ def test_best_path_is_chosen_and_a_path_can_be_forced(monkeypatch):
     assert kernels.load() is None and "not understood" in kernels.unavailable_reason()
 
 
+@pytest.mark.usefixtures("_one_thread")
+def test_bf16_engine_sessions_sharing_weight_passes_match_solo_runs(ext, monkeypatch):
+    """bf16 on the kernel: five turns decode together (up to 10 rows a step: weight passes of
+    8 + 2 rows, shared linears) and each gets exactly its solo run's tokens (FastLM alone) and
+    bit for bit the logits they are sampled from."""
+    from omniframe_mini_omni.config import Config
+    from omniframe_mini_omni.engine import MiniOmniEngineModel, TurnRequest
+    from omniframe_mini_omni.fastpath import FastLM
+    from omniframe_mini_omni.generate import GenerationStream, SamplingOptions
+    from omniframe_mini_omni.model import GPT
+
+    from omniframe.engine import Work
+
+    model = GPT(Config.from_name("tiny"))
+    model.init_weights(torch.Generator().manual_seed(1234))
+    model = model.to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(5)
+    D = model.config.whisper_adapter_dim
+    sampled = SamplingOptions(temperature=0.9, top_k=50, top_p=0.95)
+    logits: dict = {}  # request's trace callable -> the logits each step samples from
+    plain_sample = GenerationStream._sample
+
+    def recording_sample(self, audio_logits, text_logits, audio_rows, text_rows):
+        row = 0 if text_rows is not None else (1 if self.batch_parallel else 0)
+        logits[self._trace_target].append((audio_logits[0, -1].clone(),
+                                           text_logits[row, -1].clone()))
+        return plain_sample(self, audio_logits, text_logits, audio_rows, text_rows)
+
+    monkeypatch.setattr(GenerationStream, "_sample", recording_sample)
+    reqs = [TurnRequest("A1A2", whisper_features=torch.randn(n, D, generator=g), max_steps=16)
+            for n in (9, 13, 6)]
+    reqs += [TurnRequest("A1A2", whisper_features=torch.randn(7, D, generator=g), max_steps=16,
+                         sampling=sampled, seed=2),
+             TurnRequest("T1A2", text_ids=[5, 9, 200, 31], max_steps=16, batch_parallel=True)]
+    for r in reqs:  # a trace callable per request: says whose stream a _sample call is
+        r.trace = lambda record: None
+
+    def solo(r):
+        greedy = r.sampling.top_k == 1 or r.sampling.temperature == 0.0
+        fast = FastLM(model, skip_text_head=greedy)
+        assert fast.kernel
+        stream = GenerationStream(fast, r.task, whisper_features=r.whisper_features,
+                                  text_ids=r.text_ids, batch_parallel=r.batch_parallel,
+                                  sampling=r.sampling, seed=r.seed, max_steps=r.max_steps,
+                                  trace=r.trace)
+        logits[r.trace] = []
+        steps = []
+        for step in stream:
+            steps.append(step)
+            if step.text == tokens.EOT:
+                fast.text_ended()
+        return steps
+
+    with torch.inference_mode():
+        solos = [solo(r) for r in reqs]
+    solo_logits, logits = logits, {r.trace: [] for r in reqs}
+    em = MiniOmniEngineModel(model)
+    assert not em.exact and em._ext is not None
+    works = [Work(i, r) for i, r in enumerate(reqs)]
+    out: dict[int, list] = {i: [] for i in range(len(reqs))}
+    running: list = []
+    rows = []
+    for step in range(200):
+        prefill = [works[step]] if step < len(works) else []
+        res = em.step(prefill, running)
+        for w in (*prefill, *running):
+            assert res[w.id].error is None, res[w.id].error
+            out[w.id] += res[w.id].items
+            if res[w.id].done:
+                em.release(w)
+        running = [w for w in (*running, *prefill) if not res[w.id].done]
+        rows.append(em.last_rows)
+        if not running and step >= len(works):
+            break
+    assert max(rows) > kernels.MAX_ROWS  # a step was split into weight passes
+    for i, steps in enumerate(solos):
+        assert out[i] == steps, f"request {i} ({reqs[i].task})"
+        mine, alone = logits[reqs[i].trace], solo_logits[reqs[i].trace]
+        assert len(mine) == len(alone) > 1
+        for n, ((a, t), (sa, st)) in enumerate(zip(mine, alone, strict=True)):
+            assert torch.equal(a, sa) and torch.equal(t, st), f"request {i} step {n}"
+
+
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("OMNIFRAME_KERNELS", "0")
