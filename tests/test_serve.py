@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -377,7 +376,13 @@ async def test_session_update_vad_threshold(server: Server) -> None:
         assert "input_audio_buffer.speech_started" in types(evs)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pipecat") is None,
+def smart_turn_available() -> bool:
+    from omniframe_audio.smart_turn import smart_turn_available as available
+
+    return available()
+
+
+@pytest.mark.skipif(not smart_turn_available(),
                     reason="the Smart Turn model ships in pipecat-ai (scripts/setup.sh)")
 async def test_semantic_vad_ends_a_finished_question_without_the_long_silence(
         server: Server) -> None:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from omniframe.audio import AudioError
 
-__all__ = ["SMART_TURN_URI", "SmartTurn", "load_smart_turn", "whisper_log_mel"]
+__all__ = ["SMART_TURN_URI", "SmartTurn", "load_smart_turn", "smart_turn_available",
+           "whisper_log_mel"]
 
 SMART_TURN_URI = "pkg://pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 RATE = 16000
@@ -163,6 +163,12 @@ def load_smart_turn(uri: str = SMART_TURN_URI) -> SmartTurn:
     return SmartTurn(ref.path)
 
 
-def shared_smart_turn(resources: Any, uri: str) -> Any:
-    """The process-wide model for ``uri`` from ``resources`` (loaded once)."""
-    return resources.aget(("smart_turn", uri), lambda: load_smart_turn(uri))
+def smart_turn_available(uri: str = SMART_TURN_URI) -> bool:
+    """Whether ``uri`` resolves to a file (without loading it): for tests and tools."""
+    from omniframe.model_uris import ModelNotAvailable, resolve_model
+
+    try:
+        ref = resolve_model(uri)
+    except ModelNotAvailable:
+        return False
+    return ref.path is not None and Path(ref.path).is_file()

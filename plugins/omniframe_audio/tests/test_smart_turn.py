@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omniframe_audio.smart_turn import SMART_TURN_URI, last_window, load_smart_turn, whisper_log_mel
+from omniframe_audio.smart_turn import (
+    SMART_TURN_URI,
+    last_window,
+    load_smart_turn,
+    smart_turn_available,
+    whisper_log_mel,
+)
 from omniframe_audio.vad import EnergyVAD
 from pydantic import ValidationError
 
@@ -23,7 +27,7 @@ from omniframe.testing import audio_frames, espeak, speech_like
 pytestmark = pytest.mark.anyio
 
 SR = 16000
-HAVE_MODEL = importlib.util.find_spec("pipecat") is not None
+HAVE_MODEL = smart_turn_available()
 needs_model = pytest.mark.skipif(
     not HAVE_MODEL, reason="the Smart Turn model ships in pipecat-ai: pip install --no-deps "
     "pipecat-ai==1.14.0 (scripts/setup.sh does)")

@@ -3,12 +3,12 @@ summary's figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from omniframe_audio.smart_turn import smart_turn_available
 from omniframe_eval.turn_taking import (
     Clip,
     Decision,
@@ -106,7 +106,7 @@ def test_cli_writes_the_report(tmp_path, capsys) -> None:
                  "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["methods"]}
-    have_model = importlib.util.find_spec("pipecat") is not None
+    have_model = smart_turn_available()
     assert methods == {"silence-300", "silence-500", "silence-800", "silence-1200"} | (
         {"smart_turn"} if have_model else set())
     assert [s["method"] for s in results["meta"]["skipped"]] == ([] if have_model
