@@ -11,7 +11,8 @@
 // own target attribute, so the file builds with any x86-64 compiler flags):
 //   avx512bf16  AVX512-BF16 dot products (vdpbf16ps), 4 x 32 values per step.
 //   avx512f     AVX-512F: bf16 widened to float32 in registers (a bf16 is the top half of a
-//               float32: shift left 16 / mask the high half), float32 FMA.
+//               float32: shift left 16 / mask the high half), float32 FMA; two weight rows
+//               per pass over the activations (half the activation loads).
 //   avx2        AVX2 + FMA: the same with 256-bit registers.
 // Within one path, row m's output does not depend on M (the rows sharing the pass): every
 // row runs the same sequence of operations in the same order; rows are processed in register
@@ -127,62 +128,61 @@ OMNI_F512 void widen_x512(const uint16_t* x, float* xf, int64_t n) {
   }
 }
 
-// dots of G rows of xf (float32, widened, K apart) with one bf16 weight row; K % 32 == 0.
-// Per row 4 accumulators: even/odd values of two 32-value chunks.
-template <int G, bool PF>
+// dots of G rows of xf with NW (1 or 2) weight rows; per (row, weight row) two accumulators
+// (even / odd values), summed over 32-value chunks in order.
+template <int G, int NW, bool PF>
 OMNI_F512 OMNI_INLINE void f512_dots(const float* xf, const uint16_t* row, int64_t K, float* out,
                                      const char* pf) {
   const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
-  __m512 acc[G][4];
-  for (int m = 0; m < G; ++m)
-    for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    if constexpr (PF) {
-      _mm_prefetch(pf + 2 * k, _MM_HINT_T0);
-      _mm_prefetch(pf + 2 * k + 64, _MM_HINT_T0);
+  __m512 acc[NW][G][2];
+  for (int j = 0; j < NW; ++j)
+    for (int m = 0; m < G; ++m) acc[j][m][0] = acc[j][m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512 we[NW], wo[NW];
+    for (int j = 0; j < NW; ++j) {
+      if constexpr (PF) _mm_prefetch(pf + 2 * (j * K + k), _MM_HINT_T0);
+      __m512i wv = _mm512_loadu_si512(row + j * K + k);
+      we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      wo[j] = _mm512_castsi512_ps(_mm512_and_si512(wv, hi));
     }
-    for (int c = 0; c < 2; ++c) {
-      __m512i wv = _mm512_loadu_si512(row + k + 32 * c);
-      __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
-      __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, hi));
-      for (int m = 0; m < G; ++m) {
-        const float* xp = xf + m * K + k + 32 * c;
-        acc[m][2 * c] = _mm512_fmadd_ps(_mm512_loadu_ps(xp), we, acc[m][2 * c]);
-        acc[m][2 * c + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + 16), wo, acc[m][2 * c + 1]);
+    for (int m = 0; m < G; ++m) {
+      __m512 xe = _mm512_loadu_ps(xf + m * K + k);
+      __m512 xo = _mm512_loadu_ps(xf + m * K + k + 16);
+      for (int j = 0; j < NW; ++j) {
+        acc[j][m][0] = _mm512_fmadd_ps(xe, we[j], acc[j][m][0]);
+        acc[j][m][1] = _mm512_fmadd_ps(xo, wo[j], acc[j][m][1]);
       }
     }
   }
-  if (k < K) {  // K % 64 == 32
-    __m512i wv = _mm512_loadu_si512(row + k);
-    __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
-    __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, hi));
-    for (int m = 0; m < G; ++m) {
-      const float* xp = xf + m * K + k;
-      acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xp), we, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + 16), wo, acc[m][1]);
-    }
-  }
-  for (int m = 0; m < G; ++m) {
-    __m512 s = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                             _mm512_add_ps(acc[m][2], acc[m][3]));
-    out[m] = _mm512_reduce_add_ps(s);
+  for (int j = 0; j < NW; ++j)
+    for (int m = 0; m < G; ++m)
+      out[j * kMaxRows + m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][m][0], acc[j][m][1]));
+}
+
+template <int M, int NW>
+OMNI_F512 OMNI_INLINE void f512_block(const float* xf, const uint16_t* row, int64_t K,
+                                      float* dots) {
+  const char* pf = reinterpret_cast<const char*>(row + kPrefetchRows * K);
+  if constexpr (M <= 4) {
+    f512_dots<M, NW, true>(xf, row, K, dots, pf);
+  } else {
+    f512_dots<4, NW, true>(xf, row, K, dots, pf);
+    f512_dots<M - 4, NW, false>(xf + 4 * K, row, K, dots + 4, nullptr);
   }
 }
 
 template <int M>
 OMNI_F512 void f512_rows(const float* xf, const uint16_t* w, const uint16_t* bias, uint16_t* y,
                          int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  float dots[kMaxRows];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* row = w + n * K;
-    const char* pf = reinterpret_cast<const char*>(row + kPrefetchRows * K);
-    if constexpr (M <= 4) {
-      f512_dots<M, true>(xf, row, K, dots, pf);
-    } else {
-      f512_dots<4, true>(xf, row, K, dots, pf);
-      f512_dots<M - 4, false>(xf + 4 * K, row, K, dots + 4, nullptr);
-    }
+  float dots[2 * kMaxRows];
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    f512_block<M, 2>(xf, w + n * K, K, dots);
+    store_row(dots, M, bias, y, N, n);
+    store_row(dots + kMaxRows, M, bias, y, N, n + 1);
+  }
+  if (n < n1) {
+    f512_block<M, 1>(xf, w + n * K, K, dots);
     store_row(dots, M, bias, y, N, n);
   }
 }
