@@ -9,14 +9,17 @@ is a window of F frames (the chunk with its context and look-ahead: 1 = a 1-fram
 alone, 4 = the release's chunk, 10 = 3 + 4 + 3 with context and look-ahead); each costs one
 SNAC forward of F frames (F * 2048 samples).
 
-For each F and N: ``one_by_one_ms`` is N solo decodes in a row (``batch: false``: each
-session's ``decode_range`` on the compute thread), ``batched_ms`` one forward of N rows
-(``snac_batch.decode_batch``, what the batcher runs when the cap lets it), both the median over
-rounds, interleaved (alternating which goes first) so that load changes hit both alike.
-``speedup`` = one_by_one / batched. ``mean_wait_*`` is the mean time a session waits for its
-audio from the moment all N chunks are pending: one by one the k-th waits for k decodes,
-batched every session waits for the whole batch. ``batcher_overhead_ms`` is SnacBatcher's cost
-at one session (N = 1, F = 4): its path minus a plain compute-thread ``decode_range``.
+For each F and N (chunks pending at once), three ways to decode them: ``one_by_one`` (N solo
+decodes in a row: ``batch: false``, each session's ``decode_range`` on the compute thread),
+``whole`` (one SNAC forward of N rows) and ``split`` (what the batcher does on CPU: the batch
+through the decoder's first ``CPU_BATCHED_BLOCKS`` upsampling blocks, then the rest row by row,
+each row handed out when done; on cuda ``split`` = ``whole``). Times are medians over rounds,
+the variants' order rotating each round so that load changes hit all alike; ``x_*`` is the
+median over rounds of one_by_one / that variant. ``wait_*`` is the mean time a session waits
+for its audio from the moment all N chunks are pending (one by one the k-th waits for k
+decodes; ``whole``: every row waits for the whole batch). ``batcher_overhead_ms`` is
+SnacBatcher's cost at one session (N = 1, F = 4): its path minus a plain compute-thread
+``decode_range``.
 
 The machine may be shared: the load average before and after is printed; compare ratios from
 the same run. The last line is one JSON object.
@@ -63,7 +66,7 @@ def main() -> None:
     import numpy as np
     import torch
     from mini_omni import _cpu  # benchmarks/mini_omni.py: the CPU's model name
-    from omniframe_mini_omni.snac_batch import SnacBatcher, decode_batch
+    from omniframe_mini_omni.snac_batch import CPU_BATCHED_BLOCKS, SnacBatcher, decode_rows
     from omniframe_mini_omni.snac_codec import ChunkedDecoder, decode_frames, load_snac
 
     from omniframe.stage import _compute_executor
@@ -82,40 +85,55 @@ def main() -> None:
     print(f"# {name}, torch {torch.__version__}, {args.threads} thread(s), device {device}, "
           f"load {load_before}")
     rows: list[dict[str, Any]] = []
-    header = (f"{'F':>3} {'N':>3} {'one_by_one_ms':>14} {'batched_ms':>11} {'speedup':>8} "
-              f"{'mean_wait_1by1_ms':>18} {'mean_wait_batched_ms':>21}")
-    print(header)
+    split = None if device.startswith("cuda") else CPU_BATCHED_BLOCKS
+    print(f"{'F':>3} {'N':>3} {'one_by_one_ms':>14} {'whole_ms':>9} {'split_ms':>9} "
+          f"{'x_whole':>8} {'x_split':>8} {'wait_1by1_ms':>13} {'wait_whole_ms':>14} "
+          f"{'wait_split_ms':>14}")
+
+    def run(windows: list[Any], blocks: int | None | str) -> tuple[float, float]:
+        """(total, mean wait per row) seconds: one by one when blocks == "solo"."""
+        t0 = time.perf_counter()
+        done = []
+        if blocks == "solo":
+            for w in windows:
+                decode_frames(model, w)
+                sync()
+                done.append(time.perf_counter() - t0)
+        else:
+            for _ in decode_rows(model, windows, batched_blocks=blocks):  # type: ignore[arg-type]
+                sync()
+                done.append(time.perf_counter() - t0)
+        return done[-1], sum(done) / len(done)
+
+    variants: dict[str, int | None | str] = {"solo": "solo", "whole": None, "split": split}
     for width in widths:
         for n in sessions:
             windows = [_frames(width, rng) for _ in range(n)]
-            decode_batch(model, windows)  # warm-up: this shape's kernels
-            decode_frames(model, windows[0])
-            solo_t: list[float] = []
-            batch_t: list[float] = []
-            waits: list[float] = []
+            for blocks in variants.values():  # warm-up: this shape's kernels
+                run(windows, blocks)
+            total: dict[str, list[float]] = {k: [] for k in variants}
+            wait: dict[str, list[float]] = {k: [] for k in variants}
             for r in range(args.rounds):
-                for variant in ("solo", "batch") if r % 2 else ("batch", "solo"):
-                    t0 = time.perf_counter()
-                    if variant == "batch":
-                        decode_batch(model, windows)
-                        sync()
-                        batch_t.append(time.perf_counter() - t0)
-                        continue
-                    done = []
-                    for w in windows:
-                        decode_frames(model, w)
-                        sync()
-                        done.append(time.perf_counter() - t0)
-                    solo_t.append(done[-1])
-                    waits.append(sum(done) / n)
-            one, bat = statistics.median(solo_t) * 1e3, statistics.median(batch_t) * 1e3
-            row = {"frames": width, "sessions": n, "one_by_one_ms": round(one, 1),
-                   "batched_ms": round(bat, 1), "speedup": round(one / bat, 2),
-                   "mean_wait_one_by_one_ms": round(statistics.median(waits) * 1e3, 1),
-                   "mean_wait_batched_ms": round(bat, 1)}
+                order = list(variants)[r % 3:] + list(variants)[: r % 3]  # rotate who goes first
+                for k in order:
+                    t, w = run(windows, variants[k])
+                    total[k].append(t)
+                    wait[k].append(w)
+            med = {k: statistics.median(v) * 1e3 for k, v in total.items()}
+            waits = {k: statistics.median(v) * 1e3 for k, v in wait.items()}
+            x = {k: statistics.median(a / b for a, b in zip(total["solo"], total[k], strict=True))
+                 for k in ("whole", "split")}
+            row = {"frames": width, "sessions": n, "one_by_one_ms": round(med["solo"], 1),
+                   "whole_ms": round(med["whole"], 1), "split_ms": round(med["split"], 1),
+                   "speedup_whole": round(x["whole"], 2), "speedup_split": round(x["split"], 2),
+                   "mean_wait_one_by_one_ms": round(waits["solo"], 1),
+                   "mean_wait_whole_ms": round(waits["whole"], 1),
+                   "mean_wait_split_ms": round(waits["split"], 1)}
             rows.append(row)
-            print(f"{width:>3} {n:>3} {one:>14.1f} {bat:>11.1f} {one / bat:>8.2f} "
-                  f"{row['mean_wait_one_by_one_ms']:>18.1f} {bat:>21.1f}", flush=True)
+            print(f"{width:>3} {n:>3} {med['solo']:>14.1f} {med['whole']:>9.1f} "
+                  f"{med['split']:>9.1f} {x['whole']:>8.2f} {x['split']:>8.2f} "
+                  f"{waits['solo']:>13.1f} {waits['whole']:>14.1f} {waits['split']:>14.1f}",
+                  flush=True)
 
     # the batcher's own cost at one session: its path vs a plain decode_range job
     frames = _frames(8, rng)

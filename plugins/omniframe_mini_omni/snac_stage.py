@@ -72,7 +72,7 @@ class SnacCodec(Stage):
         within float rounding): see :mod:`omniframe_mini_omni.snac_batch`."""
         batch_max_frames: int | None = Field(default=None, ge=1, le=4096)
         """Most frames (chunks x their window: context + chunk + look-ahead) per batched SNAC
-        forward. None: 4 on CPU (where larger batches measured no faster), 256 on a GPU."""
+        forward. None: 4 on CPU (only short windows gain there), 256 on a GPU."""
 
     async def setup(self) -> None:
         from omniframe_mini_omni.snac_codec import load_snac

@@ -4,6 +4,7 @@ shape, no waiting for a lone session, cancellation and errors that stay with the
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 
@@ -103,12 +104,13 @@ class Blocked:
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("width", [1, 4, 7])
-def test_batched_rows_equal_solo_decodes_bitwise(snac_model, width):
+@pytest.mark.parametrize(("width", "blocks"), [(1, None), (4, None), (7, None), (4, 2)])
+def test_batched_rows_equal_solo_decodes_bitwise(snac_model, width, blocks):
     """Fast SNAC on CPU with one torch thread is batch-invariant: every row of a batched
-    forward is bit for bit the solo decode of its window."""
+    forward (whole, or its first two upsampling blocks batched and the rest row by row, the
+    CPU default) is bit for bit the solo decode of its window."""
     windows = [random_frames(width, seed=s) for s in range(3)]
-    rows = decode_batch(snac_model, windows)
+    rows = decode_batch(snac_model, windows, batched_blocks=blocks)
     assert rows.shape == (3, width * SPF) and rows.dtype == np.float32
     for row, w in zip(rows, windows, strict=True):
         np.testing.assert_array_equal(row, decode_frames(snac_model, w))
@@ -119,7 +121,7 @@ def test_native_snac_rows_equal_solo_within_rounding():
     equal the solo decode up to float rounding (measured <= 4.5e-7 here)."""
     native = load_snac("random://snac_24khz", deterministic=True, fast=False)
     windows = [random_frames(4, seed=s) for s in range(2)]
-    for row, w in zip(decode_batch(native, windows), windows, strict=True):
+    for row, w in zip(decode_batch(native, windows, batched_blocks=2), windows, strict=True):
         np.testing.assert_allclose(row, decode_frames(native, w), rtol=0, atol=1e-5)
 
 
@@ -150,6 +152,32 @@ def test_pending_chunks_of_sessions_share_one_forward_per_shape(snac_model):
         np.testing.assert_array_equal(g, w)
     assert (a.emitted, b.emitted, c.emitted) == (4, 6, 2)
     assert batcher.pending == 0
+
+
+def test_on_cpu_each_row_is_handed_out_when_its_decoder_tail_is_done(snac_model):
+    """The CPU batch runs SNAC's first upsampling blocks on all rows, then the rest row by row:
+    a row's session gets its audio before the next row's tail is computed."""
+    events: list[str] = []
+    hook = snac_model.decoder.model[-1].register_forward_hook(
+        lambda *_: events.append(f"tail{len([e for e in events if e.startswith('tail')])}"))
+    try:
+        batcher = SnacBatcher(snac_model)  # CPU: split, up to 4 frames
+        decs = [decoder(snac_model, random_frames(1, seed=s), per_chunk=1) for s in range(3)]
+        with Blocked():
+            futures = [batcher.submit(d, 0, 1) for d in decs]
+            for i, f in enumerate(futures):
+                f.add_done_callback(lambda _, i=i: events.append(f"out{i}"))
+        got = [f.result(30) for f in futures]
+        for _ in range(5000):  # a done callback runs just after result() is released
+            if len(events) == 6:
+                break
+            time.sleep(0.001)
+        assert events == ["tail0", "out0", "tail1", "out1", "tail2", "out2"]
+    finally:
+        hook.remove()
+    for d, g in zip(decs, got, strict=True):
+        np.testing.assert_array_equal(g, decode_frames(snac_model, d.frames))
+    assert batcher.forwards == {3: 1}
 
 
 def test_a_lone_chunk_is_decoded_at_once_without_a_window():
