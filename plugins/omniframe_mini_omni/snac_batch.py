@@ -143,7 +143,7 @@ def decode_rows(model: Any, windows: Sequence[Sequence[Sequence[int]]], *,
     if split is None:
         with torch.inference_mode():  # never held across a yield (it is thread state)
             audio = model.decode(codes)  # (B, 1, F * 2048)
-            rows = [samples(a) for a in audio]
+            rows = samples(audio).reshape(len(windows), -1)  # one copy to the host
         yield from rows
         return
     layers = model.decoder.model
