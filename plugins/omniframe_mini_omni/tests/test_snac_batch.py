@@ -11,6 +11,8 @@ from concurrent.futures import CancelledError
 import anyio
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from omniframe.frames import AudioCodesFrame, EndOfTurnFrame, Frame, OutputAudioFrame
 from omniframe.resources import Resources
@@ -53,11 +55,13 @@ class FakeSnac(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.rows: list[int] = []
+        self.shapes: list[tuple[int, int]] = []  # (rows, frames) per call
         self.fail = None
         self.gate: threading.Event | None = None
 
     def decode(self, codes):
         self.rows.append(codes[0].shape[0])
+        self.shapes.append(tuple(codes[0].shape))
         if self.gate is not None:
             self.gate.wait(10)
         if self.fail is not None:
@@ -203,6 +207,42 @@ def test_max_frames_splits_a_group():
         np.testing.assert_array_equal(f.result(10), decode_frames(FakeSnac(), d.frames))
     assert model.rows == [2, 2, 1, 1, 1]
     assert SnacBatcher(model, device="cuda").max_frames == 256
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 2), st.booleans()), min_size=1,
+                max_size=10),
+       st.integers(1, 12))
+def test_any_mix_of_chunks_each_gets_its_own_audio(chunks, max_frames):
+    """Property: whatever windows are pending (widths, context, cancellations) and whatever the
+    cap, every chunk not cancelled gets exactly its solo decode, a cancelled one is never
+    decoded, one forward holds one width and at most max(max_frames, width) frames."""
+    model = FakeSnac()
+    batcher = SnacBatcher(model, max_frames=max_frames)
+    decs, futures = [], []
+    with Blocked():
+        for i, (width, context, _) in enumerate(chunks):
+            dec = decoder(model, random_frames(context + width, seed=i), per_chunk=width,
+                          context_frames=context)
+            dec.emitted = context
+            decs.append(dec)
+            futures.append(batcher.submit(dec, context, context + width))
+        for f, (_, _, cancel) in zip(futures, chunks, strict=True):
+            if cancel:
+                assert f.cancel()
+    live = 0
+    for dec, f, (width, context, cancel) in zip(decs, futures, chunks, strict=True):
+        if cancel:
+            with pytest.raises(CancelledError):
+                f.result(0)
+            assert dec.emitted == context
+            continue
+        live += 1
+        want = decode_frames(FakeSnac(), dec.frames)[context * SPF :]
+        np.testing.assert_array_equal(f.result(10), want)
+        assert dec.emitted == context + width
+    assert sum(model.rows) == live
+    assert all(b == 1 or b * f <= max_frames for b, f in model.shapes)
 
 
 # ----------------------------------------------------------------------------- cancellation
