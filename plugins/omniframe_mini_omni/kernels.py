@@ -49,7 +49,7 @@ PATHS = ("avx512bf16", "avx512f", "avx2")
 """The kernel's code paths, best first."""
 _OFF = ("0", "false", "no", "off")
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # load() -> compile_extension()
 _state: dict[str, Any] = {}
 
 
@@ -99,9 +99,10 @@ def supported_paths() -> list[str]:
 
 def compile_extension() -> tuple[Any | None, str | None]:
     """The compiled extension module (any path) or (None, why); built once per process."""
-    if "ext" not in _state:
-        _state["ext"] = _build()
-    return _state["ext"]
+    with _lock:
+        if "ext" not in _state:
+            _state["ext"] = _build()
+        return _state["ext"]
 
 
 def _select() -> tuple[Kernel | None, str | None]:
@@ -114,6 +115,8 @@ def _select() -> tuple[Kernel | None, str | None]:
     ext, why = compile_extension()
     if ext is None:
         return None, why
+    if ext.max_rows() != MAX_ROWS:  # kernels.py and csrc out of step
+        return None, f"{SOURCE.name} takes {ext.max_rows()} rows, kernels.py {MAX_ROWS}"
     paths = list(ext.supported_paths())
     _state["paths"] = paths
     if want in PATHS:
