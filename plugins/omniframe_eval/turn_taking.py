@@ -6,7 +6,9 @@ France?"), run through a VAD configured with each end-of-turn method:
 
 * ``silence-<ms>``: Silero VAD, the turn ends after that much silence (``hangover_ms``);
 * ``smart_turn``: Silero VAD plus Smart Turn v3, asked after ``end_of_turn_after_ms`` (200)
-  of silence, with ``hangover_ms`` (2000) as the longest wait when it says "not done".
+  of silence, with ``hangover_ms`` (2000) as the longest wait when it says "not done";
+  ``smart_turn-high`` and ``-low`` are semantic_vad's other eagerness settings (threshold 0.3
+  and 1 s, 0.7 and 4 s).
 
 Two figures per method, the trade-off every turn detector makes:
 
@@ -59,7 +61,7 @@ __all__ = ["DEFAULT_METHODS", "Clip", "Method", "make_clips", "run_method", "sum
 RATE = 16000
 FRAME_MS = 20.0
 LEAD_S = 0.5
-TAIL_S = 3.0
+TAIL_S = 4.5  # longer than the longest wait (smart_turn-low: 4 s)
 PAUSES_MS = (300, 600, 900, 1200)
 VOICES = ("en-us", "en-gb")
 # words after which an English question cannot end: the pause goes after one of them
@@ -81,8 +83,13 @@ DEFAULT_METHODS = (
     Method("silence-500", {"hangover_ms": 500}),
     Method("silence-800", {"hangover_ms": 800}),
     Method("silence-1200", {"hangover_ms": 1200}),
+    # semantic_vad's eagerness settings in `omniframe serve` (protocol.SEMANTIC_EAGERNESS)
+    Method("smart_turn-high", {"end_of_turn": "smart_turn", "end_of_turn_after_ms": 200,
+                               "end_of_turn_threshold": 0.3, "hangover_ms": 1000}),
     Method("smart_turn", {"end_of_turn": "smart_turn", "end_of_turn_after_ms": 200,
-                          "hangover_ms": 2000}),
+                          "end_of_turn_threshold": 0.5, "hangover_ms": 2000}),
+    Method("smart_turn-low", {"end_of_turn": "smart_turn", "end_of_turn_after_ms": 200,
+                              "end_of_turn_threshold": 0.7, "hangover_ms": 4000}),
 )
 
 

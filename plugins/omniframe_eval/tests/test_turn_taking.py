@@ -107,10 +107,11 @@ def test_cli_writes_the_report(tmp_path, capsys) -> None:
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["methods"]}
     have_model = smart_turn_available()
+    smart = {"smart_turn-high", "smart_turn", "smart_turn-low"}
     assert methods == {"silence-300", "silence-500", "silence-800", "silence-1200"} | (
-        {"smart_turn"} if have_model else set())
-    assert [s["method"] for s in results["meta"]["skipped"]] == ([] if have_model
-                                                                 else ["smart_turn"])
+        smart if have_model else set())
+    assert {s["method"] for s in results["meta"]["skipped"]} == (set() if have_model
+                                                                 else smart)
     assert "| silence-500 |" in (out / "report.md").read_text()
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "false_cutoff_rate" in json.loads(last)["methods"]["silence-500"]
@@ -132,3 +133,16 @@ def test_human_pauses_are_scored_per_method() -> None:
     assert rows["st"]["false_cutoff_rate"] == pytest.approx(1 / 3)
     assert rows["st"]["ended_in_pause_rate"] == 0.5
     assert rows["st"]["mid_sentence_pauses"] == 3 and rows["st"]["finished_sentences"] == 2
+
+
+def test_smart_turn_methods_are_semantic_vads_eagerness_settings() -> None:
+    from omniframe_eval.turn_taking import DEFAULT_METHODS
+
+    from omniframe.serve.protocol import SEMANTIC_EAGERNESS
+
+    by_name = {m.name: m.options for m in DEFAULT_METHODS}
+    for name, eagerness in (("smart_turn-high", "high"), ("smart_turn", "auto"),
+                            ("smart_turn-low", "low")):
+        threshold, wait_ms = SEMANTIC_EAGERNESS[eagerness]
+        assert by_name[name]["end_of_turn_threshold"] == threshold
+        assert by_name[name]["hangover_ms"] == wait_ms
