@@ -21,6 +21,10 @@
   AVX2 the bfloat16 linear layers and heads run :mod:`~omniframe_mini_omni.kernels`'
   small-batch kernel, which reads each weight once for both rows of a batch-parallel step
   (PyTorch reads it once per row).
+* **bfloat16 prefills as float32 GEMMs** (CPU, when the kernel runs a path without
+  AVX512-BF16: :func:`~omniframe_mini_omni.kernels.widening_linear`): oneDNN's bf16 GEMM has
+  no native instructions there (~60 GFLOP/s on the 2-core Xeon); the widened values through
+  a float32 GEMM, rounded once, run ~3.8x faster.
 * **bfloat16 decode steps without oneDNN** (CPU, when that kernel is unavailable): for
   matrix-vector products PyTorch's native bf16 kernels beat oneDNN's (about 15-20 % more
   steps/s on the 2-core AMD EPYC dev machine; oneDNN stays on for the prefill, where it is ~8x
@@ -92,6 +96,9 @@ class FastLM:
         ext = kernels.load() if step_kernels and bf16_cpu else None
         self.kernel = ext is not None  # the small-batch bf16 kernel runs the linear layers
         self._linear = partial(kernels.small_linear, ext)
+        # prefills on a CPU without native bf16 GEMM: float32 GEMMs of the widened values
+        self._prefill_linear = (partial(kernels.widening_linear, ext)
+                                if ext is not None and ext.widen_prefill else None)
         if native_bf16_steps is None:
             native_bf16_steps = bf16_cpu and not self.kernel
         self.native_bf16_steps = native_bf16_steps
@@ -126,11 +133,20 @@ class FastLM:
                                         audio_head_rows, text_head_rows)
         if not (T == 1 and start > 0):
             self.prefill_positions = B * T
-            return self._step(input_ids, input_pos, whisper_features, whisper_lens,
-                              audio_rows, last_only, audio_head_rows, text_head_rows)
+            with self.prefill():
+                return self._step(input_ids, input_pos, whisper_features, whisper_lens,
+                                  audio_rows, last_only, audio_head_rows, text_head_rows)
         with self.decode_step():
             return self._step(input_ids, input_pos, whisper_features, whisper_lens,
                               audio_rows, last_only, audio_head_rows, text_head_rows)
+
+    @contextmanager
+    def prefill(self) -> Iterator[None]:
+        """The context prefills run in (widened float32 GEMMs where that is faster)."""
+        with ExitStack() as stack:
+            if self.step_kernels and self._prefill_linear is not None:
+                stack.enter_context(decode_kernels(self._prefill_linear))
+            yield
 
     @contextmanager
     def decode_step(self) -> Iterator[None]:
@@ -176,11 +192,12 @@ class FastLM:
                         text_head_rows: Sequence[int] | None) -> tuple[Tensor, Tensor]:
         m = self.model
         T = ids.size(-1)
-        m(ids[:1, :, : T - 1], 0,
-          whisper_features=feats[:1] if feats is not None else None,
-          whisper_lens=[int(lens[0])] if lens is not None else None,
-          audio_rows=[bool(rows[0])] if rows is not None else None,
-          last_only=True, audio_head_rows=[], text_head_rows=[])
+        with self.prefill():
+            m(ids[:1, :, : T - 1], 0,
+              whisper_features=feats[:1] if feats is not None else None,
+              whisper_lens=[int(lens[0])] if lens is not None else None,
+              audio_rows=[bool(rows[0])] if rows is not None else None,
+              last_only=True, audio_head_rows=[], text_head_rows=[])
         for block in m.transformer.h:
             cache = block.attn.kv_cache
             cache.k[1, :, : T - 1] = cache.k[0, :, : T - 1]

@@ -242,6 +242,34 @@ def test_bf16_engine_sessions_sharing_weight_passes_match_solo_runs(ext, monkeyp
             assert torch.equal(a, sa) and torch.equal(t, st), f"request {i} step {n}"
 
 
+def test_widening_linear_is_float32_math_rounded_once(path_kernel):
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(70, 96, generator=g) / 10).bfloat16()
+    b = torch.randn(70, generator=g).bfloat16()
+    x = torch.randn(3, 13, 96, generator=g).bfloat16()  # a prompt: more rows than MAX_ROWS
+    y = kernels.widening_linear(path_kernel, x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 13, 70)
+    assert torch.equal(y, F.linear(x.float(), w.float(), b.float()).bfloat16())
+    few = x[0, :2]  # a decode step: the small-batch kernel
+    assert torch.equal(kernels.widening_linear(path_kernel, few, w, b),
+                       path_kernel.small_linear(few.contiguous(), w, b))
+    xf = x.float()  # not bf16: F.linear
+    assert torch.equal(kernels.widening_linear(path_kernel, xf, w.float()),
+                       F.linear(xf, w.float()))
+
+
+def test_fastlm_prefills_widen_where_the_cpu_lacks_bf16_gemm():
+    from omniframe_mini_omni.fastpath import FastLM
+    from omniframe_mini_omni.lm_stage import _random_lm
+
+    model = _random_lm("tiny", torch.bfloat16, "cpu", seed=3).model
+    k = kernels.load()
+    assert (FastLM(model)._prefill_linear is not None) == (k is not None and k.widen_prefill)
+    assert FastLM(model, step_kernels=False)._prefill_linear is None
+    model32 = _random_lm("tiny", torch.float32, "cpu", seed=3).model
+    assert FastLM(model32)._prefill_linear is None
+
+
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("OMNIFRAME_KERNELS", "0")
