@@ -13,7 +13,8 @@
 //   avx512f     AVX-512F: bf16 widened to float32 in registers (a bf16 is the top half of a
 //               float32: shift left 16 / mask the high half), float32 FMA; two weight rows
 //               per pass over the activations (half the activation loads).
-//   avx2        AVX2 + FMA: the same with 256-bit registers.
+//   avx2        AVX2 + FMA: the same widening with 256-bit registers, one weight row at a
+//               time.
 // Within one path, row m's output does not depend on M (the rows sharing the pass): every
 // row runs the same sequence of operations in the same order; rows are processed in register
 // groups of at most 4 (avx2: 2), later groups re-reading the weight row from L1.
