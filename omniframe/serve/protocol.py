@@ -332,13 +332,14 @@ class SessionConfig:
         base = dict(prev or (DEFAULT_TURN_DETECTION if kind == "server_vad"
                              else DEFAULT_SEMANTIC_VAD))
         if kind == "semantic_vad":  # the VAD plus Smart Turn (end_of_turn: smart_turn)
-            if td.get("eagerness") is not None:
-                if td["eagerness"] not in SEMANTIC_EAGERNESS:
+            eagerness = td.get("eagerness")
+            if eagerness is not None:
+                if not isinstance(eagerness, str) or eagerness not in SEMANTIC_EAGERNESS:
                     raise ProtocolError(
                         "invalid_value", f"turn_detection.eagerness must be one of "
-                        f"{', '.join(SEMANTIC_EAGERNESS)}, got {td['eagerness']!r}",
+                        f"{', '.join(SEMANTIC_EAGERNESS)}, got {eagerness!r}",
                         param="turn_detection.eagerness")
-                base["eagerness"] = td["eagerness"]
+                base["eagerness"] = eagerness
         else:
             if td.get("threshold") is not None:
                 base["threshold"] = _num(td["threshold"], "turn_detection.threshold", 0.0, 1.0)
