@@ -3,7 +3,7 @@
 # of issue 12 and the preemptive figures of issue 16, baseline and engine in the same run.
 # Here first:  bash ../shared/tools/gpu-wheels.sh   (fills .whl/, carried to the machine)
 # There (device run, carry [".whl"]):  bash scripts/gpu_engine_bench.sh
-# Results: JSON lines under $OUT (engine.jsonl, engine_fp32.jsonl), a summary printed last.
+# Results: JSON lines under $OUT (engine, engine_fp32, snac_batch .jsonl), a summary last.
 # (benchmarks/engine.py also measures the solo path of one session, the baseline.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +25,8 @@ run() {  # name, timeout, command...
 run engine 200 python3 benchmarks/engine.py --device cuda --sessions 64 --dtype bfloat16 \
   --answer-steps 48 --plot "$OUT/engine.png"
 run engine_fp32 120 python3 benchmarks/engine.py --device cuda --sessions 8 --dtype float32
+# cross-session SNAC batching: N pending chunks in one forward against one by one
+run snac_batch 90 python3 benchmarks/snac_batch.py --device cuda --widths 1,4,10 \
+  --sessions 1,4,16,64 --rounds 5
 echo "== summary" >&2
 for f in "$OUT"/*.jsonl; do echo "$(basename "$f"): $(tail -c 600 "$f")"; done
