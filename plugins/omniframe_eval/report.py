@@ -38,8 +38,11 @@ LATENCY_KEYS = ("voice_to_voice", "vad_wait", "response", "to_first_text", "asr"
 VOCALBENCH_SOURCE = ("VocalBench (Liu et al., Shanghai Jiao Tong University and Ant Group, "
                      "arXiv 2505.15727; leaderboard at github.com/SJTU-OmniAgent/VocalBench)")
 VOCALBENCH_LEGEND = (
-    "Named as VocalBench reports a model's latency (its leaderboard's two Latency columns, "
-    f"RTF and FCL in ms; source: {VOCALBENCH_SOURCE}). "
+    "RTF is how VocalBench reports a model's latency (its leaderboard's Latency column, \"a "
+    "real-time factor calculation representing the computing latency\"; source: "
+    f"{VOCALBENCH_SOURCE}); FCL is the first-chunk latency that speech-interaction benchmarks "
+    "report beside it (the copies of VocalBench's README this project could read show RTF "
+    "only). "
     "**FCL**, first-chunk latency: from the moment the user's whole input is handed to the "
     "model (here the VAD's end-of-speech decision) to the first chunk of answer audio leaving "
     "the sink, in milliseconds; the same figure as 'response' above, without the VAD's wait "
