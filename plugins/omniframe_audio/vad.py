@@ -178,6 +178,7 @@ class VADStage(Stage):
         self.retractions = 0
         self._eot_model: Any = None  # end_of_turn: smart_turn (loaded in setup)
         self._eot_asked = False  # the model was asked about the current pause
+        self._eot_unloadable: str | None = None  # why a model switched on live did not load
         self.eot_calls = 0  # model calls, of those that ended the turn, and their seconds
         self.eot_ends = 0
         self.eot_seconds = 0.0
@@ -243,6 +244,7 @@ class VADStage(Stage):
         self._eot_after_n = int(round(o.end_of_turn_after_ms * ms))  # type: ignore[attr-defined]
 
     def options_changed(self, old: StageOptions) -> None:
+        self._eot_unloadable = None  # a new setting may load: try again
         if self._in_rate is not None:  # the stream has started: new lengths from now on
             self._derive_lengths()
 
@@ -390,11 +392,18 @@ class VADStage(Stage):
         import time
 
         self._eot_asked = True
+        if self._eot_model is None:  # switched on while running (a client's semantic_vad)
+            if self._eot_unloadable is not None:
+                return False  # said once; the hangover decides
+            try:
+                await self.setup_end_of_turn()
+            except Exception as exc:
+                self._eot_unloadable = str(exc)
+                self.log.warning("end_of_turn_model_unavailable", error=str(exc))
+                return False
         audio = self._slice(self._turn_audio_start, e)
         t0 = time.perf_counter()
         try:
-            if self._eot_model is None:  # switched on while running (a client's semantic_vad)
-                await self.setup_end_of_turn()
             p = await self.run_sync(self._eot_model.probability, audio, self._in_rate)
         except Exception as exc:  # the model is an aid: the hangover still decides
             self.log.warning("end_of_turn_model_failed", turn=self._turn, error=str(exc))

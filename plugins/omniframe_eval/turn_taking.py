@@ -497,21 +497,23 @@ async def evaluate(questions: Sequence[str], methods: Sequence[Method] = DEFAULT
     clips = make_clips(questions, voices, pauses_ms)
     resources = Resources()
     decisions = []
-    usable = []
-    for m in methods:  # a method whose model is missing is left out, saying why
-        try:
-            await run_method(m, clips[0], resources)
-        except AudioError as exc:
-            print(f"turn_taking: method {m.name} left out: {exc}", file=sys.stderr)
-            skipped.append({"method": m.name, "why": str(exc)})
-        else:
-            usable.append(m)
-    total = len(clips) * len(usable)
-    for m in usable:
-        for c in clips:
-            decisions.append(await run_method(m, c, resources))
+    total = len(clips) * len(methods)
+    done = 0
+    for m in methods:
+        for i, c in enumerate(clips):
+            try:
+                decisions.append(await run_method(m, c, resources))
+            except AudioError as exc:
+                if i:  # the model loaded for the first clip: a real failure
+                    raise
+                # a method whose model is missing is left out, saying why
+                print(f"turn_taking: method {m.name} left out: {exc}", file=sys.stderr)
+                skipped.append({"method": m.name, "why": str(exc)})
+                total -= len(clips)
+                break
+            done += 1
             if progress:
-                print(f"\r{len(decisions)}/{total} runs", end="", file=sys.stderr, flush=True)
+                print(f"\r{done}/{total} runs", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     return clips, decisions

@@ -226,3 +226,55 @@ async def test_real_model_ends_a_finished_question_without_the_hangover() -> Non
                                       end_of_turn_model=SMART_TURN_URI, **SMART)
     assert len(ends) == 1 and stage.eot_ends == 1
     assert at[0] - ends[0].pts < 0.5  # far sooner than the 2 s hangover
+
+
+async def test_switched_on_live_without_a_model_falls_back_to_the_hangover_once() -> None:
+    """end_of_turn switched on while running, with a model that cannot load: the hangover
+    ends each turn, and the load is not retried at every pause."""
+    stage = EnergyVAD({"hangover_ms": 2000, "end_of_turn_model": "pkg://no_such_pkg/m.onnx"},
+                      StageContext(name="vad", session=Session(), resources=Resources()))
+    await stage.setup()  # silence: nothing to load
+    stage.options = stage.options.model_copy(update={"end_of_turn": "smart_turn"})
+    x = speech_like([("silence", 0.5), ("speech", 0.6), ("silence", 0.5), ("speech", 0.6),
+                     ("silence", 2.5)])
+    at, n = [], 0
+    for f in audio_frames(x, SR, 20.0, live=True):
+        n += len(f.samples)
+        async for o in stage.process(f):
+            if isinstance(o, SpeechEndFrame):
+                at.append(n / SR)
+    assert len(at) == 1 and 4.19 <= at[0] <= 4.26  # 2 s after the second stretch of speech
+    assert stage._eot_unloadable is not None and "not available" in stage._eot_unloadable
+    assert stage.eot_calls == 0
+
+
+async def test_cancelled_while_the_model_runs_the_vad_stays_usable() -> None:
+    """A pipeline cancelled during the model's call (barge-in, disconnect) returns within
+    the call's time, and the stage still ends turns afterwards."""
+    import time as _time
+
+    import anyio
+
+    class Slow(Scripted):
+        def probability(self, audio, rate: int) -> float:
+            _time.sleep(1.0)
+            return super().probability(audio, rate)
+
+    model = Slow(0.1)  # "not done": only the hangover can end the turn afterwards
+    res = Resources()
+    res.get(("smart_turn", "scripted://slow"), lambda: model)
+    stage = EnergyVAD({**SMART, "end_of_turn_model": "scripted://slow"},
+                      StageContext(name="vad", session=Session(), resources=res))
+    await stage.setup()
+    frames = audio_frames(speech_like(ONE_TURN), SR, 20.0, live=True)
+    t0 = _time.perf_counter()
+    with anyio.move_on_after(0.5) as scope:  # the model is asked at 1.7 s of audio
+        for f in frames[:100]:
+            async for _ in stage.process(f):
+                pass
+    assert scope.cancelled_caught  # cancelled inside the model's call
+    assert _time.perf_counter() - t0 < 2.0  # waited for the call (1 s) at most, no hang
+    assert len(model.calls) == 1
+    ended = [o for f in frames[100:] async for o in stage.process(f)
+             if isinstance(o, SpeechEndFrame)]
+    assert len(ended) == 1 and abs(ended[0].pts - 1.5) < 0.03  # the hangover still ends it
