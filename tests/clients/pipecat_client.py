@@ -50,8 +50,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.remove()  # Pipecat logs through loguru; keep stdout for the JSON line
     logger.add(sys.stderr, level="WARNING")
     logger.add(lambda m: warnings.append(m.record["message"][:300]), level="WARNING",
-               # advice on local VAD for turn_detection off: about the app, not the server
-               filter=lambda r: "is not emitting turn frames" not in r["message"])
+               # advice on local VAD for turn_detection off: about the app, not the server;
+               # Pipecat's runner listing its own tasks still running when it is cancelled at
+               # the end (its user aggregator's realtime_handoff_flush, seen once in five full
+               # runs under load): Pipecat's shutdown, not an event the server sent
+               filter=lambda r: not any(s in r["message"] for s in (
+                   "is not emitting turn frames", "dangling tasks detected")))
 
     from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
     from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
