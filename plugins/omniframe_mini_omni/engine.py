@@ -127,6 +127,7 @@ class _Turn:
     iterations_left: int = 0
     text_end: bool = False  # GenerationStream's: text forced to pad after EOT (speech tasks)
     text_done: bool = False  # the stage's FastLM.text_ended(): EOT recorded (greedy: no head)
+    slot: int = -1  # the request's rows in a static KV pool (static_engine), else -1
     pending: list[DecodeStep] = field(default_factory=list)
 
 
@@ -190,16 +191,15 @@ class MiniOmniEngineModel:
         stream = GenerationStream(
             model, task, whisper_features=r.whisper_features, text_ids=r.text_ids,
             batch_parallel=r.batch_parallel, sampling=r.sampling, seed=r.seed,
-            max_returned_tokens=r.max_returned_tokens, max_steps=r.max_steps, trace=r.trace)
+            max_returned_tokens=self._max_returned(r), max_steps=r.max_steps, trace=r.trace)
         stream._it.close()  # never iterated: the engine runs its steps
         B, T = len(stream.prompt), stream.prompt_length
-        c = model.config
-        caches = [KVCache(B, c.n_query_groups, stream.max_returned_tokens, c.head_size,
-                          device=model.device, dtype=model.dtype) for _ in model.transformer.h]
+        caches = self._caches(work, B, stream.max_returned_tokens)
         trace, close_trace = _open_trace(stream._trace_target)
         turn = _Turn(stream=stream, caches=caches, trace=trace, close_trace=close_trace,
                      rows=B, speaks=task.audio_output, greedy=greedy, pos=T,
-                     iterations_left=stream.max_returned_tokens - T - 1)
+                     iterations_left=stream.max_returned_tokens - T - 1,
+                     slot=self._slot_of(work))
         work.state = turn
         fast = FastLM(model, skip_text_head=False)
         audio_rows = [0] if turn.speaks else []
@@ -219,8 +219,26 @@ class MiniOmniEngineModel:
         finally:
             for b, cache in zip(blocks, saved, strict=True):
                 b.attn.kv_cache = cache
-        audio, text = stream._sample(audio_logits, text_logits, audio_rows, text_rows)
+        audio, text = self._sample_prompt(turn, audio_logits, text_logits, audio_rows, text_rows)
         self._record(turn, audio, text)
+
+    def _caches(self, work: Work, rows: int, length: int) -> list[Any]:
+        """The request's KV caches, one per layer (here: its own tensors)."""
+        model = self.model
+        c = model.config
+        return [KVCache(rows, c.n_query_groups, length, c.head_size, device=model.device,
+                        dtype=model.dtype) for _ in model.transformer.h]
+
+    def _sample_prompt(self, turn: _Turn, audio_logits: Tensor, text_logits: Tensor,
+                       audio_rows: list[int], text_rows: list[int]) -> tuple[list[int] | None, int]:
+        """The first step's tokens from the prefill's logits (the solo run's sampling)."""
+        return turn.stream._sample(audio_logits, text_logits, audio_rows, text_rows)
+
+    def _max_returned(self, r: TurnRequest) -> int | None:
+        return r.max_returned_tokens
+
+    def _slot_of(self, work: Work) -> int:
+        return -1
 
     # ------------------------------------------------------------------ decode
     def _decode(self, turns: list[_Turn]) -> None:

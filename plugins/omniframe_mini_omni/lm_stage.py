@@ -92,10 +92,16 @@ class _Loaded:
         ``lock``, so solo turns and engine steps never interleave on the model."""
         with self._engine_lock:
             if self._engine is None:
+                import torch
+
                 from omniframe.engine import Engine
                 from omniframe_mini_omni.engine import MiniOmniEngineModel
+                from omniframe_mini_omni.static_engine import StaticEngineModel
 
-                self._engine = Engine(MiniOmniEngineModel(self.model), capacity=ENGINE_CAPACITY,
+                # GPU: static shapes, KV slot pool, CUDA graphs; CPU: the small-batch kernel
+                em = (StaticEngineModel(self.model, capacity=ENGINE_CAPACITY)
+                      if torch.device(device).type == "cuda" else MiniOmniEngineModel(self.model))
+                self._engine = Engine(em, capacity=ENGINE_CAPACITY,
                                       prefill_budget=ENGINE_PREFILL_BUDGET, device=str(device),
                                       name="mini-omni-engine", gate=self.lock)
             return self._engine

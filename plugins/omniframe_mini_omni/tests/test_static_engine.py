@@ -1,0 +1,221 @@
+"""The static-shape engine step (static_engine.py, the GPU path) run eagerly on the CPU: KV
+slot pool, one masked attention over all rows, sampling on the device. Greedy turns get their
+solo runs' tokens (float32); seeded turns draw the same alone as in any batch; slots are
+freed and reused in every path; rows that do not decode never disturb a turn's cache."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from omniframe_mini_omni.engine import MiniOmniEngineModel, TurnRequest
+from omniframe_mini_omni.generate import SamplingOptions
+from omniframe_mini_omni.static_engine import MIN_LEN_BUCKET, StaticEngineModel, bucket
+
+from omniframe.engine import Engine, Work
+
+pytestmark = pytest.mark.usefixtures("_one_thread")
+
+_spec = importlib.util.spec_from_file_location("_engine_tests",
+                                               Path(__file__).with_name("test_engine.py"))
+_te = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_te)  # its request set, solo runner and hand driver
+requests, solo, drive = _te.requests, _te.solo, _te.drive
+
+SAMPLED = SamplingOptions(temperature=0.9, top_k=50, top_p=0.95)
+
+
+def greedy_requests(model) -> list[TurnRequest]:
+    return [r for r in requests(model) if r.sampling.top_k == 1]
+
+
+def sampled_requests(model) -> list[TurnRequest]:
+    g = torch.Generator().manual_seed(21)
+    D = model.config.whisper_adapter_dim
+    return [
+        TurnRequest("A1A2", whisper_features=torch.randn(9, D, generator=g), max_steps=16,
+                    sampling=SAMPLED, seed=1),
+        TurnRequest("T1T2", text_ids=[4, 8, 15], max_steps=10, sampling=SAMPLED, seed=2),
+        TurnRequest("T1A2", text_ids=[16, 23, 42], max_steps=14,
+                    sampling=SamplingOptions(temperature=1.3, top_k=0, top_p=1.0), seed=3),
+        TurnRequest("A1T2", whisper_features=torch.randn(6, D, generator=g), max_steps=9,
+                    sampling=SamplingOptions(temperature=0.7, top_k=5), seed=4),
+    ]
+
+
+def test_bucket():
+    assert [bucket(n, 2, 16) for n in (1, 2, 3, 5, 9, 16)] == [2, 2, 4, 8, 16, 16]
+    assert bucket(70, MIN_LEN_BUCKET, 100) == 100
+    assert bucket(3, MIN_LEN_BUCKET, 2048) == MIN_LEN_BUCKET
+    with pytest.raises(ValueError, match="exceeds"):
+        bucket(17, 2, 16)
+
+
+def test_greedy_turns_match_solo_runs(tiny_model):
+    """Different tasks, prompts and start times; slots freed by finished turns are reused by
+    later ones (8 turns through a 3-slot pool)."""
+    reqs = greedy_requests(tiny_model) * 2
+    solos = [solo(tiny_model, r) for r in reqs]
+    em = StaticEngineModel(tiny_model, capacity=3, max_len=256)
+    starts = [0, 0, 3, 40, 41, 60, 61, 90]
+    out, info = drive(em, reqs, starts=starts)
+    for i, (steps, reason, _) in enumerate(solos):
+        assert out[i] == steps, f"request {i} ({reqs[i].task})"
+        assert info[i] == reason
+    assert em.free_slots == 3
+
+
+def test_seeded_turns_draw_the_same_alone_and_together(tiny_model):
+    reqs = sampled_requests(tiny_model)
+    alone = []
+    for r in reqs:
+        em = StaticEngineModel(tiny_model, capacity=1, max_len=128)
+        out, info = drive(em, [r], starts=[0])
+        alone.append((out[0], info[0]))
+    em = StaticEngineModel(tiny_model, capacity=8, max_len=128)
+    # with greedy company (a mixed batch runs the sampled graph for every row)
+    mixed = [*reqs, *greedy_requests(tiny_model)[:2]]
+    out, info = drive(em, mixed, starts=[2, 0, 5, 1, 0, 3])
+    for i, (steps, reason) in enumerate(alone):
+        assert out[i] == steps, f"request {i} ({reqs[i].task})"
+        assert info[i] == reason
+    greedy_solo = [solo(tiny_model, r) for r in mixed[4:]]
+    for i, (steps, _, _) in enumerate(greedy_solo):
+        assert out[4 + i] == steps
+    # different seeds draw differently (the noise is the seed's)
+    r2 = TurnRequest(**{**reqs[1].__dict__, "seed": 99})
+    other, _ = drive(StaticEngineModel(tiny_model, capacity=1, max_len=128), [r2], starts=[0])
+    assert [s.text for s in other[0]] != [s.text for s in alone[1][0]]
+
+
+def test_paused_turn_keeps_its_cache(tiny_model):
+    """A turn skipped by some steps (backpressure) while others decode and a new one
+    prefills into the slot next to it: its rows write only scratch, its tokens stay solo."""
+    reqs = greedy_requests(tiny_model)[:3]
+    solos = [solo(tiny_model, r) for r in reqs]
+    em = StaticEngineModel(tiny_model, capacity=4, max_len=128)
+    works = [Work(i, r) for i, r in enumerate(reqs)]
+    out: dict[int, list] = {i: [] for i in range(3)}
+    done: set[int] = set()
+    running: list[Work] = []
+    for step in range(200):
+        prefill = [w for w in works if {0: 0, 1: 0, 2: 6}[w.id] == step]
+        decode = [w for w in running if not (w.id == 0 and 2 <= step < 12)]  # 0 paused
+        res = em.step(prefill, decode)
+        for w in (*prefill, *decode):
+            r = res[w.id]
+            out[w.id] += r.items
+            if r.done:
+                done.add(w.id)
+                em.release(w)
+        running = [w for w in (*running, *prefill) if w.id not in done]
+        if len(done) == 3:
+            break
+    for i, (steps, _, _) in enumerate(solos):
+        assert out[i] == steps
+
+
+def test_errors_free_the_slot(tiny_model):
+    em = StaticEngineModel(tiny_model, capacity=1, max_len=64)
+    long = TurnRequest("T1T2", text_ids=[1, 2], max_returned_tokens=65)
+    res = em.step([Work(0, long)], [])
+    assert "KV pool holds per turn (64 positions)" in str(res[0].error)
+    assert em.free_slots == 1
+    too_long = TurnRequest("T1T2", text_ids=list(range(70)))  # prompt over max_len
+    res = em.step([Work(1, too_long)], [])
+    assert "leaves no room" in str(res[1].error)
+    assert em.free_slots == 1
+    ok = Work(2, TurnRequest("T1T2", text_ids=[1, 2], max_steps=50))
+    assert em.step([ok], [])[2].error is None
+    full = em.step([Work(3, TurnRequest("T1T2", text_ids=[3]))], [ok])
+    assert "slots are all in use" in str(full[3].error)
+    em.release(ok)
+    assert em.free_slots == 1
+    with pytest.raises(ValueError, match="max_len"):
+        StaticEngineModel(tiny_model, capacity=1, max_len=10**6)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticEngineModel(tiny_model, capacity=1, max_len=64, graphs=True)
+
+
+def test_max_length_stop_at_the_pool_size(tiny_model):
+    """A turn without its own limit stops at the pool's length, as the exact engine (a solo
+    run's tokens) does with max_returned_tokens = max_len."""
+    r = TurnRequest("T1T2", text_ids=[5, 6, 7])
+    out, info = drive(StaticEngineModel(tiny_model, capacity=1, max_len=40), [r], starts=[0])
+    ref = TurnRequest("T1T2", text_ids=[5, 6, 7], max_returned_tokens=40)
+    ref_out, ref_info = drive(MiniOmniEngineModel(tiny_model), [ref], starts=[0])
+    assert (out[0], info[0]) == (ref_out[0], ref_info[0])
+    assert len(out[0]) == 40 - 6 and info[0] == "max_length"  # 6 prompt positions
+
+
+def test_bfloat16_runs(tiny_model):
+    """bf16 pool and step: a whole answer of valid ids."""
+    model = _copy(tiny_model).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(8, model.config.whisper_adapter_dim, generator=g)
+    r = TurnRequest("A1A2", whisper_features=feats, max_steps=20)
+    out, info = drive(StaticEngineModel(model, capacity=2, max_len=64), [r], starts=[0])
+    assert len(out[0]) == 20 and info[0] == "max_steps"
+    for s in out[0]:
+        assert all(0 <= a < 4160 for a in s.audio)
+
+
+def _copy(model):
+    from omniframe_mini_omni.model import GPT
+
+    m = GPT(model.config)
+    m.load_state_dict(model.state_dict())
+    return m.eval()
+
+
+def test_through_the_engine_with_cancellation(tiny_model):
+    """The async engine over the static model: concurrent turns, one cancelled mid-answer;
+    every slot comes back and the others keep their solo tokens."""
+    reqs = greedy_requests(tiny_model)
+    solos = [solo(tiny_model, r) for r in reqs]
+    em = StaticEngineModel(tiny_model, capacity=4, max_len=128)
+    engine = Engine(em, capacity=4, prefill_budget=64, device="cpu", name="static-test")
+
+    async def run(i: int, cancel_after: int | None) -> list:
+        got = []
+        async with engine.submit(reqs[i]) as answer:
+            async for step in answer:
+                got.append(step)
+                if cancel_after is not None and len(got) == cancel_after:
+                    break
+        return got
+
+    async def main() -> list:
+        return await asyncio.gather(run(0, 5), run(1, None), run(2, None), run(3, None))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.close()
+    assert got[0] == solos[0][0][:5]
+    for i in (1, 2, 3):
+        assert got[i] == solos[i][0]
+    assert em.free_slots == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_replay_the_eager_step(tiny_model, dtype):
+    """On a GPU: graph replays give the eager step's tokens (greedy and seeded, turns of
+    different lengths joining and leaving); float32 greedy turns also match their solo runs."""
+    model = _copy(tiny_model).to("cuda", dtype)
+    reqs = [*greedy_requests(tiny_model), *sampled_requests(tiny_model)]
+    starts = [0, 0, 3, 9, 1, 4, 4, 30]
+    eager = drive(StaticEngineModel(model, capacity=8, max_len=256, graphs=False), reqs, starts)
+    em = StaticEngineModel(model, capacity=8, max_len=256)
+    assert em.graphs
+    graphs = drive(em, reqs, starts)
+    assert graphs == eager
+    assert len(em._graphs) >= 2
+    if dtype == torch.float32:
+        for i, r in enumerate(greedy_requests(tiny_model)):
+            assert graphs[0][i] == solo(model, r)[0], f"request {i} ({r.task})"
