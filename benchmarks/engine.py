@@ -1,7 +1,13 @@
 """Many Mini-Omni conversations on one model through the engine (omniframe/engine.py).
 
     python benchmarks/engine.py --device cpu --sessions 3            # bf16, N = 1..3
-    python benchmarks/engine.py --device cuda --sessions 32 --dtype bfloat16
+    python benchmarks/engine.py --device cuda --ns 1,8,32,64 --dtype bfloat16   # static engine
+
+``--engine static`` (default on CUDA) runs static_engine.py's step (KV slot pool, one masked
+attention for all rows, sampling on the device, CUDA graphs captured before the run, time
+stated as ``capture_s``); ``dynamic`` (default on CPU) runs engine.py's (per-request caches, the
+small-batch CPU kernel). ``--ns`` picks the N to run (the first should be 1: the 1-session
+figures come from it; ``realtime_sessions`` is then the largest N run that stays real time).
 
 Random weights of the released size (``random://mini-omni``, 0.5B): compute cost does not
 depend on the values. For each N = 1..``--sessions``, N conversations run at once: each user
@@ -85,14 +91,29 @@ def solo_step_ms(model: Any, steps: int) -> float:
     return round(statistics.median(times), 1)
 
 
-async def simulate(model: Any, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def static_model(model: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """One static engine model for every N (its pool holds the largest N; graphs are
+    captured once, greedy buckets only: the benchmark decodes greedily)."""
+    from omniframe_mini_omni.static_engine import StaticEngineModel
+
+    em = StaticEngineModel(model, capacity=max(args.ns), max_len=args.max_len,
+                           graphs=args.graphs)
+    t = time.perf_counter()
+    captured = em.capture([(r, n, False) for r, n in em.buckets()]) if args.capture else 0
+    return em, {"graphs_captured": captured, "capture_s": round(time.perf_counter() - t, 2)}
+
+
+async def simulate(model: Any, n: int, args: argparse.Namespace,
+                   em: Any = None) -> dict[str, Any]:
     import torch
     from omniframe_mini_omni.engine import MiniOmniEngineModel, TurnRequest
 
     from omniframe.engine import Engine
 
-    engine = Engine(MiniOmniEngineModel(model, exact=args.exact), capacity=max(n, 1),
-                    prefill_budget=args.prefill_budget, device=args.device, name="bench")
+    if em is None:
+        em = MiniOmniEngineModel(model, exact=args.exact)
+    engine = Engine(em, capacity=max(n, 1), prefill_budget=args.prefill_budget,
+                    device=args.device, name="bench")
     engine.step_log = []
     rng = random.Random(1000 + n)
     g = torch.Generator().manual_seed(n)
@@ -165,6 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sessions", type=int, default=3, help="largest N (runs 1..N)")
+    ap.add_argument("--ns", help="the N to run, comma separated (instead of 1..--sessions)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--answer-steps", type=int, default=48, help="decode steps per answer")
     ap.add_argument("--spread", type=float, default=3.0, help="questions arrive within (s)")
@@ -172,8 +194,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                     help="per-request linears (default: exact in float32, shared in bf16)")
+    ap.add_argument("--engine", choices=["auto", "static", "dynamic"], default="auto",
+                    help="static: KV slot pool, device sampling, CUDA graphs (static_engine.py);"
+                    " dynamic: per-request caches and the CPU kernel (engine.py); auto: static"
+                    " on CUDA")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="static engine: replay CUDA graphs (default on CUDA)")
+    ap.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True,
+                    help="static engine with graphs: capture every bucket before the run")
+    ap.add_argument("--max-len", type=int, default=512,
+                    help="static engine: KV positions per turn (prompt + answer)")
     ap.add_argument("--plot", help="write a PNG of the table here")
     args = ap.parse_args()
+    if args.engine == "auto":
+        args.engine = "static" if args.device.startswith("cuda") else "dynamic"
+    args.ns = (sorted({int(v) for v in args.ns.split(",")}) if args.ns
+               else list(range(1, args.sessions + 1)))
+    if not args.ns or args.ns[0] < 1:
+        ap.error("--ns: session counts must be >= 1")
 
     import torch
     from omniframe_mini_omni import kernels
@@ -198,11 +236,14 @@ def main() -> None:
     else:
         solo = solo_step_ms(model, min(args.answer_steps, 24))
     print(f"solo path (no engine), 1 session: step {solo} ms", flush=True)
+    em, static_info = static_model(model, args) if args.engine == "static" else (None, {})
+    if static_info:
+        print(f"static engine: {static_info}", flush=True)
     rows = []
     print(f"{'N':>3} {'step p50':>9} {'p99':>7} {'first audio p50':>16} {'p99':>7} "
           f"{'min steps/s':>12} {'gaps':>5} realtime", flush=True)
-    for n in range(1, args.sessions + 1):
-        r = asyncio.run(simulate(model, n, args))
+    for n in args.ns:
+        r = asyncio.run(simulate(model, n, args, em))
         rows.append(r)
         print(f"{n:>3} {r['step_ms_p50']!s:>9} {r['step_ms_p99']!s:>7} "
               f"{r['first_audio_ms_p50']!s:>16} {r['first_audio_ms_p99']!s:>7} "
@@ -215,7 +256,9 @@ def main() -> None:
         plot(rows, args.plot, f"Mini-Omni engine, {args.dtype}, {name}")
     print(json.dumps({
         "device": name, "dtype": args.dtype, "threads": args.threads,
-        "cpu_kernel": kernel,
+        "cpu_kernel": kernel, "engine": args.engine, **static_info,
+        "graphs": bool(args.graphs if args.graphs is not None
+                       else args.engine == "static" and args.device.startswith("cuda")),
         "exact": args.exact if args.exact is not None else dtype == torch.float32,
         "step_ms_p50": rows[0]["step_ms_p50"], "step_ms_p99": rows[0]["step_ms_p99"],
         "steps_per_s_1_session": round(1000 / rows[0]["step_ms_p50"], 2)

@@ -3,7 +3,8 @@
 # of issue 12 and the preemptive figures of issue 16, baseline and engine in the same run.
 # Here first:  bash ../shared/tools/gpu-wheels.sh   (fills .whl/, carried to the machine)
 # There (device run, carry [".whl"]):  bash scripts/gpu_engine_bench.sh
-# Results: JSON lines under $OUT (engine, engine_fp32, snac_batch .jsonl), a summary last.
+# Results: JSON lines under $OUT (engine*, decode_attention, snac_batch .jsonl; gpu_tests.log),
+# a summary last. Worst case ~15 min of timeouts; expected ~5 min.
 # (benchmarks/engine.py also measures the solo path of one session, the baseline.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +20,21 @@ run() {  # name, timeout, command...
   echo "== $name" >&2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$?" >> "$OUT/$name.log"
-  tail -n 1 "$OUT/$name.log" | grep '^{' >> "$OUT/$name.jsonl" || true
+  grep '^{' "$OUT/$name.log" | tail -n 1 >> "$OUT/$name.jsonl" || true
 }
-# many sessions on one model through the engine, bf16 then fp32 (token-exact mode)
-run engine 200 python3 benchmarks/engine.py --device cuda --sessions 64 --dtype bfloat16 \
-  --answer-steps 48 --plot "$OUT/engine.png"
-run engine_fp32 120 python3 benchmarks/engine.py --device cuda --sessions 8 --dtype float32
+# the static engine's graphs on this GPU: replays equal eager steps (and fp32 solo runs)
+run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+  plugins/omniframe_mini_omni/tests/test_static_engine.py
+# why bf16 SDPA decode steps were slower than fp32 (backend per shape, growing cache)
+run decode_attention 150 python3 benchmarks/decode_attention.py --device cuda
+# many sessions on one model: the static engine (slot pool, device sampling, CUDA graphs),
+# bf16 then fp32; then the dynamic engine (eager, per-request caches): the baseline
+run engine 240 python3 benchmarks/engine.py --device cuda --engine static --dtype bfloat16 \
+  --ns 1,2,8,32,64,96 --answer-steps 48 --plot "$OUT/engine.png"
+run engine_fp32 120 python3 benchmarks/engine.py --device cuda --engine static \
+  --dtype float32 --ns 1,8 --answer-steps 32
+run engine_dynamic 120 python3 benchmarks/engine.py --device cuda --engine dynamic \
+  --dtype bfloat16 --ns 1,8 --answer-steps 32
 # cross-session SNAC batching: N pending chunks in one forward against one by one
 run snac_batch 90 python3 benchmarks/snac_batch.py --device cuda --widths 1,4,10 \
   --sessions 1,4,16,64 --rounds 5

@@ -39,7 +39,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --variants plain,fast,fast-ckpt,fast-compile --strategies ddp,fsdp2 --nproc 1 \
     > "$OUT/bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/bench.log"
-  tail -n 1 "$OUT/bench.log" | grep '^{' > "$OUT/bench.jsonl" || true
+  grep '^{' "$OUT/bench.log" | tail -n 1 > "$OUT/bench.jsonl" || true
 fi
 
 if [ "${SKIP_CKPT:-0}" != 1 ]; then
