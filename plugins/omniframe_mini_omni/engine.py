@@ -32,18 +32,15 @@ How each piece keeps a request's numbers those of its solo run:
   decoding, as the stage's FastLM does (a multinomial draw must still consume its random
   numbers).
 
-**Not done yet (GPU, issue 12).** Written to run on CUDA (the engine runs steps on its driver
-thread there) but not run on a GPU. What the GPU part needs: a preallocated pool of KV slots
-(one (capacity, G, block_size, hs) tensor per layer, or pages) instead of per-request
-allocation; attention over all requests in one kernel (varlen/paged flash-decoding) instead
-of the per-request loop here, which costs a launch per request and layer; CUDA graphs of the
-decode step captured per padded row count (1, 2, 4, 8, ...), with positions and slot indices
-as graph inputs; and SNAC decoding of all sessions' pending frames in one batch (today each
-session's codec stage decodes its own frames). On CPU the small-batch bf16
-kernel (csrc/small_linear.cpp: AVX512-BF16, AVX-512F or AVX2 paths) takes up to
-kernels.MAX_ROWS = 8 rows per weight pass (4 A1A2 sessions); more rows go in chunks of 8.
-Within a path a row's kernel output does not depend on the rows sharing the pass (tested
-bitwise in test_kernels.py).
+**GPU: the static step** (:mod:`.static_engine`, what the LM stage uses on CUDA): a KV slot
+pool instead of per-request caches, one masked attention over all rows instead of the
+per-request loop here, sampling on the device, and the step replayed as a CUDA graph per
+(rows, length) bucket; it reuses this class's prefill and per-turn bookkeeping. SNAC decoding
+of all sessions' pending frames runs in one batch (:mod:`.snac_batch`). **CPU: this class**,
+where the small-batch bf16 kernel (csrc/small_linear.cpp: AVX512-BF16, AVX-512F or AVX2
+paths) takes up to kernels.MAX_ROWS = 8 rows per weight pass (4 A1A2 sessions); more rows go
+in chunks of 8. Within a path a row's kernel output does not depend on the rows sharing the
+pass (tested bitwise in test_kernels.py).
 
 Requests are :class:`TurnRequest`; the engine emits :class:`~omniframe_mini_omni.generate.
 DecodeStep` items and finishes with the stop reason as ``info``.

@@ -99,8 +99,11 @@ class _Loaded:
                 from omniframe_mini_omni.static_engine import StaticEngineModel
 
                 # GPU: static shapes, KV slot pool, CUDA graphs; CPU: the small-batch kernel
-                em = (StaticEngineModel(self.model, capacity=ENGINE_CAPACITY)
-                      if torch.device(device).type == "cuda" else MiniOmniEngineModel(self.model))
+                em: Any = MiniOmniEngineModel(self.model)
+                if torch.device(device).type == "cuda":
+                    em = StaticEngineModel(self.model, capacity=ENGINE_CAPACITY)
+                    with self.lock:  # every bucket's graph now, not in a live turn
+                        em.capture()
                 self._engine = Engine(em, capacity=ENGINE_CAPACITY,
                                       prefill_budget=ENGINE_PREFILL_BUDGET, device=str(device),
                                       name="mini-omni-engine", gate=self.lock)
@@ -294,6 +297,10 @@ class MiniOmniLM(Stage):
                              "stand-in; pass options.tokenizer=/path/tokenizer.json for real text",
                              model=o.model)
             self.tokenizer = _ByteTokenizer()
+        if o.engine and not o.faithful and str(device).startswith("cuda"):
+            t = time.perf_counter()
+            await self.run_sync(self.lm.engine, str(device))  # captures its CUDA graphs
+            self.log.info("engine ready", graph_capture_s=round(time.perf_counter() - t, 2))
         self._trace_file: IO[str] | None = None
         self._trace_lock = threading.Lock()
         if o.trace:

@@ -28,7 +28,11 @@ use, capped at the pool; ``Lb`` the smallest power of two (at least :data:`MIN_L
 covering the longest running turn, capped at ``max_len``. Each (Rb, Lb, sampled) is one CUDA
 graph, captured the first time it is needed (or ahead, :meth:`StaticEngineModel.capture`) into
 one shared memory pool; ``sampled`` False is a greedy-only graph without the sort and the noise.
-Slots are handed out lowest first, so Rb follows the number of running turns.
+Slots are handed out lowest first, so Rb follows the number of running turns. The graphs
+share one memory pool: safe because they never run concurrently (one driver thread, one
+stream) and none reads another's intermediates (inputs, KV pool and output buffer live
+outside the pool), the condition PyTorch's CUDA-graph notes give for sharing in any replay
+order. The LM stage captures every bucket at setup on a GPU (time logged).
 
 **Sampling on the device** (:mod:`.device_sampling`): per-row settings and seeds are inputs of
 the graph, the noise is counter based (seed, position, head), so a turn's draws do not depend

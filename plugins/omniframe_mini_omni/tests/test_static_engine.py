@@ -219,3 +219,23 @@ def test_cuda_graphs_replay_the_eager_step(tiny_model, dtype):
     if dtype == torch.float32:
         for i, r in enumerate(greedy_requests(tiny_model)):
             assert graphs[0][i] == solo(model, r)[0], f"request {i} ({r.task})"
+
+
+def test_the_step_never_reads_a_tensor_on_the_host(tiny_model, monkeypatch):
+    """What a CUDA graph cannot capture and what would make the host wait for the device:
+    the step (greedy and sampled) converts no tensor to a Python value. (On CPU this catches
+    the Python-level reads; the GPU test captures the graphs for real.)"""
+    em = StaticEngineModel(tiny_model, capacity=2, max_len=64)
+    reqs = [TurnRequest("A1A2", whisper_features=torch.zeros(4, 768), max_steps=4),
+            TurnRequest("T1T2", text_ids=[3, 4], max_steps=4, sampling=SAMPLED, seed=1)]
+    works = [Work(i, r) for i, r in enumerate(reqs)]
+    em.step(works, [])
+
+    def refuse(*_a, **_k):
+        raise AssertionError("host read of a device value inside the step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.inference_mode():
+        em._forward(4, 64, False)
+        em._forward(4, 64, True)
