@@ -77,6 +77,40 @@ _INT_COLS = 13
 _TEMP, _TOPP = 0, 1  # float32 columns
 
 
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """model.RMSNorm's math (float32, cast back)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps)
+    return (x * weight.float()).to(dtype)
+
+
+def layer_pre(x: Tensor, norm_w: Tensor, eps: float, qkv_w: Tensor, qkv_b: Tensor | None,
+              cos: Tensor, sin: Tensor, G: int, q_per_kv: int,
+              hs: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A block's work before attention for one position per row: norm_1, the fused QKV
+    projection, RoPE. x (R, 1, C) -> q (R, G, q_per_kv, hs), k and v (R * G, hs).
+
+    A pure function of tensors (weights passed in), so that one ``torch.compile`` serves every
+    layer and every row count (dynamic batch)."""
+    R = x.size(0)
+    h = _rms_norm(x, norm_w, eps)
+    qkv = F.linear(h, qkv_w, qkv_b).view(R, 1, G, q_per_kv + 2, hs).permute(0, 2, 3, 1, 4)
+    q = apply_rope(qkv[:, :, :q_per_kv].reshape(R, G * q_per_kv, 1, hs), cos, sin)
+    k = apply_rope(qkv[:, :, q_per_kv], cos, sin)  # (R, G, 1, hs)
+    v = qkv[:, :, q_per_kv + 1]
+    return q.reshape(R, G, q_per_kv, hs), k.reshape(R * G, hs), v.reshape(R * G, hs)
+
+
+def layer_post(x: Tensor, y: Tensor, proj_w: Tensor, norm_w: Tensor, eps: float, fc_1: Tensor,
+               fc_2: Tensor, mlp_proj: Tensor) -> Tensor:
+    """A block's work after attention: output projection and residual, norm_2, SwiGLU MLP
+    and residual. x (R, 1, C), y (R, 1, nh * hs) -> (R, 1, C)."""
+    x = x + F.linear(y, proj_w)
+    h = _rms_norm(x, norm_w, eps)
+    return x + F.linear(F.silu(F.linear(h, fc_1)) * F.linear(h, fc_2), mlp_proj)
+
+
 def bucket(n: int, minimum: int, cap: int) -> int:
     """The smallest power of two >= max(n, minimum), at most ``cap`` (``n`` must be <= cap)."""
     if n > cap:
@@ -106,10 +140,14 @@ class StaticEngineModel(MiniOmniEngineModel):
         capacity: slots in the KV pool (turns decoding at once): at least the engine's capacity.
         max_len: positions per row (prompt + answer); default the model's ``block_size``.
         graphs: replay CUDA graphs (default: on a CUDA device). Off: the same step eagerly.
+        compile: run each block's pre- and post-attention work (:func:`layer_pre`,
+            :func:`layer_post`) through ``torch.compile`` (one compilation each for every
+            layer and row count; paid at the first step or :meth:`capture`): fuses the norms,
+            RoPE and activations, a few kernels per block instead of ~40.
     """
 
     def __init__(self, model: Any, *, capacity: int, max_len: int | None = None,
-                 graphs: bool | None = None) -> None:
+                 graphs: bool | None = None, compile: bool = False) -> None:
         super().__init__(model, exact=False, step_kernels=False)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -143,6 +181,12 @@ class StaticEngineModel(MiniOmniEngineModel):
         self._idle_ids = [tokens.layershift(tokens.PAD_A, i) for i in range(tokens.N_AUDIO_LAYERS)]
         self._idle_ids.append(tokens.PAD_T)
         self._ihost[:, :8] = torch.tensor(self._idle_ids)
+        self.compiled = compile
+        self._pre: Any = layer_pre
+        self._post: Any = layer_post
+        if compile:
+            self._pre = torch.compile(layer_pre, dynamic=True, fullgraph=True)
+            self._post = torch.compile(layer_post, dynamic=True, fullgraph=True)
         self._free = list(range(capacity))  # a heap: the lowest slot first
         self._slots: dict[int, int] = {}  # work id -> slot
         self._graphs: dict[tuple[int, int, bool], Any] = {}
@@ -288,21 +332,19 @@ class StaticEngineModel(MiniOmniEngineModel):
         write = ((rows[:, None] * G + torch.arange(G, device=dev)[None, :]) * L1
                  + wpos[:, None]).reshape(-1)  # (Rb * G,) flat row of each new key
         scale = 1.0 / math.sqrt(hs)
+        pre, post = self._pre, self._post
         for layer, block in enumerate(model.transformer.h):
-            a = block.attn
-            h = block.norm_1(x)
-            qkv = a.attn(h).view(Rb, 1, G, q_per_kv + 2, hs).permute(0, 2, 3, 1, 4)
-            q = apply_rope(qkv[:, :, :q_per_kv].reshape(Rb, nh, 1, hs), cos, sin)
-            k = apply_rope(qkv[:, :, q_per_kv], cos, sin)  # (Rb, G, 1, hs)
-            v = qkv[:, :, q_per_kv + 1]
+            a, mlp = block.attn, block.mlp
+            q, k, v = pre(x, block.norm_1.weight, block.norm_1.eps, a.attn.weight, a.attn.bias,
+                          cos, sin, G, q_per_kv, hs)
             kp, vp = self.k_pool[layer], self.v_pool[layer]
-            kp.view(-1, hs).index_copy_(0, write, k.reshape(Rb * G, hs))
-            vp.view(-1, hs).index_copy_(0, write, v.reshape(Rb * G, hs))
+            kp.view(-1, hs).index_copy_(0, write, k)
+            vp.view(-1, hs).index_copy_(0, write, v)
             y = F.scaled_dot_product_attention(
-                q.reshape(Rb, G, q_per_kv, hs), kp[:Rb, :, :Lb], vp[:Rb, :, :Lb],
+                q, kp[:Rb, :, :Lb], vp[:Rb, :, :Lb],
                 attn_mask=mask, scale=scale)  # (Rb, G, q_per_kv, hs): head g * q_per_kv + s
-            x = x + a.proj(y.reshape(Rb, 1, nh * hs))
-            x = x + block.mlp(block.norm_2(x))
+            x = post(x, y.reshape(Rb, 1, nh * hs), a.proj.weight, block.norm_2.weight,
+                     block.norm_2.eps, mlp.fc_1.weight, mlp.fc_2.weight, mlp.proj.weight)
         hidden = model.transformer.ln_f(x)[:, 0]  # (Rb, C)
         ids = self._sample(model.audio_logits(hidden), model.text_logits(hidden), ints, floats,
                            pos, sampled)

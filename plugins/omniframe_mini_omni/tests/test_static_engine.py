@@ -201,19 +201,34 @@ def test_through_the_engine_with_cancellation(tiny_model):
     assert em.free_slots == 4
 
 
+STARTS = [0, 0, 3, 9, 1, 4, 4, 30]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_tokens(tiny_model):
+    """torch.compile of the blocks' pre/post-attention work (one compilation for every layer
+    and row count, fullgraph: no graph breaks): the eager step's tokens, greedy and seeded."""
+    reqs = [*greedy_requests(tiny_model), *sampled_requests(tiny_model)]
+    eager = drive(StaticEngineModel(tiny_model, capacity=8, max_len=128), reqs, STARTS)
+    compiled = drive(StaticEngineModel(tiny_model, capacity=8, max_len=128, compile=True),
+                     reqs, STARTS)
+    assert compiled == eager
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphs_replay_the_eager_step(tiny_model, dtype):
+@pytest.mark.parametrize(("dtype", "compile"), [(torch.float32, False), (torch.bfloat16, False),
+                                                (torch.bfloat16, True)])
+def test_cuda_graphs_replay_the_eager_step(tiny_model, dtype, compile):
     """On a GPU: graph replays give the eager step's tokens (greedy and seeded, turns of
     different lengths joining and leaving); float32 greedy turns also match their solo runs."""
     model = _copy(tiny_model).to("cuda", dtype)
     reqs = [*greedy_requests(tiny_model), *sampled_requests(tiny_model)]
-    starts = [0, 0, 3, 9, 1, 4, 4, 30]
-    eager = drive(StaticEngineModel(model, capacity=8, max_len=256, graphs=False), reqs, starts)
-    em = StaticEngineModel(model, capacity=8, max_len=256)
+    eager = drive(StaticEngineModel(model, capacity=8, max_len=256, graphs=False,
+                                    compile=compile), reqs, STARTS)
+    em = StaticEngineModel(model, capacity=8, max_len=256, compile=compile)
     assert em.graphs
-    graphs = drive(em, reqs, starts)
+    graphs = drive(em, reqs, STARTS)
     assert graphs == eager
     assert len(em._graphs) >= 2
     if dtype == torch.float32:
