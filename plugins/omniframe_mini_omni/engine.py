@@ -55,8 +55,8 @@ its whole turn, never interleaves with one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,21 @@ NATIVE_MAX_ROWS = 2
 native bf16 kernels (oneDNN off, as the solo path's FastLM does), larger ones oneDNN's GEMM,
 which reads each weight once for all rows: on the 2-core dev Xeon, three linears of a block
 took 5.8 ms native vs 4.0 ms oneDNN for 8 rows, 9.6 vs 5.3 for 12 (native grows per row)."""
+
+
+@contextmanager
+def _installed(model: Any, caches: Sequence[Any]) -> Iterator[None]:
+    """The request's caches in the model's blocks for a prefill (the model file keeps one
+    cache per block for the solo path); the blocks' own caches are put back after."""
+    blocks = model.transformer.h
+    saved = [b.attn.kv_cache for b in blocks]
+    try:
+        for b, cache in zip(blocks, caches, strict=True):
+            b.attn.kv_cache = cache
+        yield
+    finally:
+        for b, cache in zip(blocks, saved, strict=True):
+            b.attn.kv_cache = cache
 
 
 @dataclass
@@ -125,6 +140,8 @@ class _Turn:
     text_end: bool = False  # GenerationStream's: text forced to pad after EOT (speech tasks)
     text_done: bool = False  # the stage's FastLM.text_ended(): EOT recorded (greedy: no head)
     slot: int = -1  # the request's rows in a static KV pool (static_engine), else -1
+    last_prompt: list[list[int]] | None = None  # static_engine: the prompt's last position
+    # still to run (in the next batched step), per row its 8 ids
     pending: list[DecodeStep] = field(default_factory=list)
 
 
@@ -181,12 +198,30 @@ class MiniOmniEngineModel:
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, work: Work) -> None:
+        turn = self._new_turn(work)
+        model, stream, B = self.model, turn.stream, turn.rows
+        fast = FastLM(model, skip_text_head=False)
+        audio_rows = [0] if turn.speaks else []
+        text_rows = [1 if stream.batch_parallel else 0]
+        ids = torch.tensor(stream.prompt, dtype=torch.long, device=model.device)
+        feats = stream.features.to(model.device) if stream.features is not None else None
+        with _installed(model, turn.caches):
+            audio_logits, text_logits = fast(
+                ids, 0, whisper_features=feats,
+                whisper_lens=[stream.whisper_len] * B if feats is not None else None,
+                audio_rows=[True] * B if feats is not None else None,
+                last_only=True, audio_head_rows=audio_rows, text_head_rows=text_rows)
+        audio, text = stream._sample(audio_logits, text_logits, audio_rows, text_rows)
+        self._record(turn, audio, text)
+
+    def _new_turn(self, work: Work) -> _Turn:
+        """The request's stream (prompt, validation, sampling state), caches and bookkeeping;
+        sets ``work.state``."""
         r: TurnRequest = work.payload
-        model = self.model
         greedy = r.sampling.top_k == 1 or r.sampling.temperature == 0.0
         task = Task(r.task)
         stream = GenerationStream(
-            model, task, whisper_features=r.whisper_features, text_ids=r.text_ids,
+            self.model, task, whisper_features=r.whisper_features, text_ids=r.text_ids,
             batch_parallel=r.batch_parallel, sampling=r.sampling, seed=r.seed,
             max_returned_tokens=self._max_returned(r), max_steps=r.max_steps, trace=r.trace)
         stream._it.close()  # never iterated: the engine runs its steps
@@ -198,26 +233,7 @@ class MiniOmniEngineModel:
                      iterations_left=stream.max_returned_tokens - T - 1,
                      slot=self._slot_of(work))
         work.state = turn
-        fast = FastLM(model, skip_text_head=False)
-        audio_rows = [0] if turn.speaks else []
-        text_rows = [1 if stream.batch_parallel else 0]
-        blocks = model.transformer.h
-        saved = [b.attn.kv_cache for b in blocks]
-        try:
-            for b, cache in zip(blocks, caches, strict=True):
-                b.attn.kv_cache = cache
-            ids = torch.tensor(stream.prompt, dtype=torch.long, device=model.device)
-            feats = stream.features.to(model.device) if stream.features is not None else None
-            audio_logits, text_logits = fast(
-                ids, 0, whisper_features=feats,
-                whisper_lens=[stream.whisper_len] * B if feats is not None else None,
-                audio_rows=[True] * B if feats is not None else None,
-                last_only=True, audio_head_rows=audio_rows, text_head_rows=text_rows)
-        finally:
-            for b, cache in zip(blocks, saved, strict=True):
-                b.attn.kv_cache = cache
-        audio, text = self._sample_prompt(turn, audio_logits, text_logits, audio_rows, text_rows)
-        self._record(turn, audio, text)
+        return turn
 
     def _caches(self, work: Work, rows: int, length: int) -> list[Any]:
         """The request's KV caches, one per layer (here: its own tensors)."""
@@ -225,11 +241,6 @@ class MiniOmniEngineModel:
         c = model.config
         return [KVCache(rows, c.n_query_groups, length, c.head_size, device=model.device,
                         dtype=model.dtype) for _ in model.transformer.h]
-
-    def _sample_prompt(self, turn: _Turn, audio_logits: Tensor, text_logits: Tensor,
-                       audio_rows: list[int], text_rows: list[int]) -> tuple[list[int] | None, int]:
-        """The first step's tokens from the prefill's logits (the solo run's sampling)."""
-        return turn.stream._sample(audio_logits, text_logits, audio_rows, text_rows)
 
     def _max_returned(self, r: TurnRequest) -> int | None:
         return r.max_returned_tokens

@@ -5,17 +5,24 @@ on the device and CUDA graphs (issue 12's GPU path).
 whose decode step has the same shapes every time, so that on a GPU it runs as one replayed
 CUDA graph instead of ~700 eager kernel launches, and the host waits for the device once per
 step (to read the sampled ids back). The scheduling stays the generic engine's
-(:mod:`omniframe.engine`); the prefill and the per-turn bookkeeping stay the parent's.
+(:mod:`omniframe.engine`); the per-turn bookkeeping stays the parent's.
+
+**Prefill: all but the last position.** A new turn's prompt runs eagerly (one causal forward,
+flash/efficient SDPA on a GPU) for positions 0..T-2 of its first row, without heads, straight
+into its slot's rows of the pool; batch-parallel A1A2 copies them to the second row (the two
+rows differ only in the last position, as in FastLM's shared-prefix prefill). Position T-1 of
+every row then runs *inside the same engine step's batched decode*, with everyone's decode
+step: the turn's first tokens come out of that step, sampled like every later one, and a
+joining turn costs the running ones its T-1 prefill positions, not an extra eager step.
 
 **KV pool.** One (2 * capacity, G, max_len + 1, hs) tensor per layer for keys and one for
 values, allocated once. A request takes a *slot*: rows 2s and 2s+1 (batch-parallel A1A2 uses
-both, other tasks the first). The prefill writes the prompt's keys/values straight into the
-slot's rows (views of the pool), the decode steps write one position per row with
-``index_copy_`` at tensor positions. Position ``max_len`` of every row is scratch: rows that
-do not decode in a step (free slots, a turn just prefilled, a turn paused by backpressure, the
-idle second row of a one-row task) write there and are never read, so nothing a running turn
-stored is ever overwritten. A freed slot is reused without clearing: a row reads only the
-positions its own turn wrote (the mask below).
+both, other tasks the first). The prefill writes into the slot's rows through views of the
+pool; the batched steps write one position per row with ``index_copy_`` at tensor positions.
+Position ``max_len`` of every row is scratch: rows that do not decode in a step (free slots,
+a turn paused by backpressure, the idle second row of a one-row task) write there and are
+never read, so nothing a running turn stored is ever overwritten. A freed slot is reused
+without clearing: a row reads only the positions its own turn wrote (the mask below).
 
 **One attention call for all rows.** The decode step attends over the pool's first ``Lb``
 positions of its first ``Rb`` rows (views: no copy), with a boolean mask ``key <= pos`` per
@@ -54,18 +61,19 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniframe.engine import Work
+from omniframe.engine import StepResult, Work
 
 from . import tokens
 from .device_sampling import sample_rows
-from .engine import MiniOmniEngineModel, TurnRequest, _Turn
+from .engine import MiniOmniEngineModel, TurnRequest, _installed, _Turn
+from .fastpath import FastLM
 from .model import KVCache, apply_rope
 
 MIN_LEN_BUCKET = 64
@@ -230,9 +238,48 @@ class StaticEngineModel(MiniOmniEngineModel):
         return [_PoolView(k[r0 : r0 + rows, :, :length], v[r0 : r0 + rows, :, :length])
                 for k, v in zip(self.k_pool, self.v_pool, strict=True)]
 
+    def step(self, prefill: Sequence[Work], decode: Sequence[Work]) -> dict[int, StepResult]:
+        """Prefill the new requests' prompts but their last position; then one batched step
+        runs that last position of theirs (their first tokens) with everyone's decode step."""
+        out: dict[int, StepResult] = {}
+        joined: list[Work] = []
+        with torch.inference_mode():
+            for work in prefill:
+                try:
+                    self._prefill(work)
+                except Exception as exc:  # noqa: BLE001 (this request's error, e.g. too long)
+                    out[work.id] = StepResult(error=exc)
+                    continue
+                joined.append(work)
+            running = [w for w in (*decode, *joined) if w.state is not None]
+            if running:
+                self._decode([w.state for w in running])
+                for w in running:
+                    out[w.id] = self._emit(w.state)
+        return out
+
     def _prefill(self, work: Work) -> None:
+        """Positions 0..T-2 of row 0 into the slot (no heads), copied to row 1 (the rows of
+        batch-parallel decoding differ only in the last position: FastLM's shared prefix);
+        position T-1 of every row is left to the next batched step."""
         try:
-            super()._prefill(work)
+            turn = self._new_turn(work)
+            model, stream = self.model, turn.stream
+            T = stream.prompt_length
+            ids = torch.tensor(stream.prompt[:1], dtype=torch.long, device=model.device)
+            feats = stream.features.to(model.device) if stream.features is not None else None
+            with _installed(model, turn.caches), FastLM(model).prefill():
+                model.forward_embeddings(
+                    model.embed(ids[:, :, : T - 1], feats,
+                                [stream.whisper_len] if feats is not None else None,
+                                [True] if feats is not None else None),
+                    0, last_only=True)
+            if turn.rows == 2:
+                for cache in turn.caches:
+                    cache.k[1, :, : T - 1] = cache.k[0, :, : T - 1]
+                    cache.v[1, :, : T - 1] = cache.v[0, :, : T - 1]
+            turn.last_prompt = [[stream_ids[-1] for stream_ids in row] for row in stream.prompt]
+            turn.pos = T - 1
         except BaseException:
             self._free_slot(work)
             raise
@@ -247,19 +294,6 @@ class StaticEngineModel(MiniOmniEngineModel):
             heapq.heappush(self._free, slot)
 
     # ------------------------------------------------------------------ sampling
-    def _sample_prompt(self, turn: _Turn, audio_logits: Tensor, text_logits: Tensor,
-                       audio_rows: list[int], text_rows: list[int]) -> tuple[list[int] | None, int]:
-        """The first step's tokens with the device sampler (the same noise as later steps)."""
-        row = 2 * turn.slot
-        dev = self.device
-        ints = self._ihost[row : row + 1].to(dev)
-        floats = self._fhost[row : row + 1].to(dev)
-        pos = torch.full((1,), turn.pos - 1, dtype=torch.long, device=dev)
-        audio = audio_logits[:, -1] if turn.speaks else None  # (1, 7, Va)
-        ids = self._sample(audio, text_logits[:, -1], ints, floats, pos,
-                           sampled=not turn.greedy)[0].tolist()
-        return (ids[: tokens.N_AUDIO_LAYERS] if turn.speaks else None), int(ids[-1])
-
     @staticmethod
     def _sample(audio: Tensor | None, text: Tensor, ints: Tensor, floats: Tensor, pos: Tensor,
                 sampled: bool) -> Tensor:
@@ -285,9 +319,13 @@ class StaticEngineModel(MiniOmniEngineModel):
         values: list[list[int]] = []
         for t in turns:
             r0 = 2 * t.slot
-            for j, row_ids in enumerate(t.stream._next_input(t.audio, t.text)):  # (B, 8, 1)
+            if t.last_prompt is not None:  # the prompt's last position: the first tokens
+                inputs = t.last_prompt
+            else:
+                inputs = [[i[0] for i in row] for row in t.stream._next_input(t.audio, t.text)]
+            for j, row_ids in enumerate(inputs):
                 rows.append(r0 + j)
-                values.append([i[0] for i in row_ids] + [t.pos, t.pos])
+                values.append([*row_ids, t.pos, t.pos])
             top = max(top, r0 + t.rows)
             longest = max(longest, t.pos + 1)
         host[rows, : _WPOS + 1] = torch.tensor(values, dtype=torch.long)
@@ -308,6 +346,11 @@ class StaticEngineModel(MiniOmniEngineModel):
             r0 = 2 * t.slot
             audio = ids[r0][: tokens.N_AUDIO_LAYERS] if t.speaks else None
             text = ids[r0 + (1 if t.stream.batch_parallel else 0)][tokens.N_AUDIO_LAYERS]
+            if t.last_prompt is not None:  # step 0: recorded without checks (as solo)
+                t.last_prompt = None
+                t.pos += 1
+                self._record(t, audio, text)
+                continue
             if t.text_done and t.greedy and t.speaks:
                 text = tokens.PAD_T  # the solo path's FastLM drops the head after EOT
             self._after_step(t, audio, text)
