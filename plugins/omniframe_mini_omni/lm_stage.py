@@ -87,9 +87,12 @@ class _Loaded:
         self._engine: Any = None
         self._engine_lock = threading.Lock()
 
-    def engine(self, device: str) -> Any:
-        """The model's :class:`omniframe.engine.Engine` (one per loaded model). Its steps hold
-        ``lock``, so solo turns and engine steps never interleave on the model."""
+    def engine(self, device: str, kind: str = "auto") -> Any:
+        """The model's :class:`omniframe.engine.Engine` (one per loaded model, of the kind the
+        first caller asks for). Its steps hold ``lock``, so solo turns and engine steps never
+        interleave on the model. ``kind``: ``static`` (KV slot pool, one batched attention,
+        device sampling, CUDA graphs on a GPU: static_engine.py), ``dynamic`` (per-request
+        caches, the small-batch CPU kernel: engine.py), ``auto`` (static on CUDA)."""
         with self._engine_lock:
             if self._engine is None:
                 import torch
@@ -98,11 +101,12 @@ class _Loaded:
                 from omniframe_mini_omni.engine import MiniOmniEngineModel
                 from omniframe_mini_omni.static_engine import StaticEngineModel
 
-                # GPU: static shapes, KV slot pool, CUDA graphs; CPU: the small-batch kernel
+                if kind == "auto":
+                    kind = "static" if torch.device(device).type == "cuda" else "dynamic"
                 em: Any = MiniOmniEngineModel(self.model)
-                if torch.device(device).type == "cuda":
+                if kind == "static":
                     em = StaticEngineModel(self.model, capacity=ENGINE_CAPACITY)
-                    with self.lock:  # every bucket's graph now, not in a live turn
+                    with self.lock:  # every bucket's graph now (on a GPU), not in a live turn
                         em.capture()
                 self._engine = Engine(em, capacity=ENGINE_CAPACITY,
                                       prefill_budget=ENGINE_PREFILL_BUDGET, device=str(device),
@@ -237,6 +241,12 @@ class MiniOmniLM(Stage):
         model's lock (the path ``faithful`` always takes). Engine steps hold that lock too, so
         stages of both kinds on one model take turns (a solo turn waits while the engine has
         work)."""
+        engine_kind: Literal["auto", "static", "dynamic"] = "auto"
+        """Which engine step: ``static`` (a KV slot pool, one batched attention for all
+        sessions, sampling on the device, CUDA graphs on a GPU; seeded sampling draws from a
+        counter-based stream, not the solo path's), ``dynamic`` (per-turn caches, the CPU's
+        small-batch kernel; every token the solo run's), ``auto``: static on CUDA, dynamic
+        elsewhere. One engine per loaded model: the first stage to use it decides."""
         faithful: bool = False
         """Compute as the reference does: all 181,120 logits at every prompt position, both
         heads for both rows, both batch rows prefilled in full, the text head kept after the
@@ -299,7 +309,7 @@ class MiniOmniLM(Stage):
             self.tokenizer = _ByteTokenizer()
         if o.engine and not o.faithful and str(device).startswith("cuda"):
             t = time.perf_counter()
-            await self.run_sync(self.lm.engine, str(device))  # captures its CUDA graphs
+            await self.run_sync(self.lm.engine, str(device), o.engine_kind)  # + CUDA graphs
             self.log.info("engine ready", graph_capture_s=round(time.perf_counter() - t, 2))
         self._trace_file: IO[str] | None = None
         self._trace_lock = threading.Lock()
@@ -480,7 +490,7 @@ class MiniOmniLM(Stage):
         from omniframe_mini_omni.tokens import Task as TaskEnum
 
         o = self.options
-        engine = self.lm.engine(self.context.device)
+        engine = self.lm.engine(self.context.device, o.engine_kind)
         request = TurnRequest(task, batch_parallel=o.batch_parallel and task is TaskEnum.A1A2,
                               sampling=sampling, seed=o.seed, max_steps=o.max_new_tokens,
                               trace=self._tracer(turn), **kwargs)

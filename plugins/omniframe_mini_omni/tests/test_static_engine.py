@@ -254,3 +254,62 @@ def test_the_step_never_reads_a_tensor_on_the_host(tiny_model, monkeypatch):
     with torch.inference_mode():
         em._forward(4, 64, False)
         em._forward(4, 64, True)
+
+
+def _stage_helpers():
+    return _te._stage, _te._feats, _te._answer
+
+
+@pytest.mark.anyio
+async def test_lm_stage_on_the_static_engine():
+    """The LM stage with ``engine_kind: static`` (what CUDA gets): greedy answers of three
+    concurrent stages equal their solo (lock path) answers, one engine for the model; then
+    the cancel sweep: a turn cut at many points frees its slot, the lock, the KV pool's slot,
+    and the next turn is the same again."""
+    import anyio
+    import anyio.lowlevel
+
+    from omniframe.resources import Resources
+
+    _stage, _feats, _answer = _stage_helpers()
+    resources = Resources()
+    options = [{"task": "A1A2"}, {"task": "A1T2"}, {"task": "A1A2", "max_new_tokens": 9}]
+    solo_lms = [_stage(resources, engine=False, **o) for o in options]
+    static_lms = [_stage(resources, engine_kind="static", **o) for o in options]
+    for lm in (*solo_lms, *static_lms):
+        await lm.setup()
+    frames = [_feats(1), _feats(2, 9), _feats(3, 15)]
+    solo_out = [await _answer(lm, f) for lm, f in zip(solo_lms, frames, strict=True)]
+    got = await asyncio.gather(*(_answer(lm, f) for lm, f in
+                                 zip(static_lms, frames, strict=True)))
+    assert got == solo_out
+    engine = static_lms[0].lm.engine("cpu")
+    em = engine.model
+    assert isinstance(em, StaticEngineModel) and static_lms[2].lm.engine("cpu") is engine
+    assert em.free_slots == em.capacity
+
+    lm = static_lms[0]
+    reference = solo_out[0]
+    cut = 0
+    for n in range(0, 160, 8):
+        with anyio.fail_after(30):
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    async def cancel(n=n, scope=scope):
+                        for _ in range(n):
+                            await anyio.lowlevel.checkpoint()
+                        scope.cancel()
+
+                    tg.start_soon(cancel)
+                    await _answer(lm, _feats(2))
+                    tg.cancel_scope.cancel()
+        cut += scope.cancelled_caught
+        assert engine.active == 0 and engine.queued == 0, f"slot held after a cancel at {n}"
+        assert em.free_slots == em.capacity, f"KV slot held after a cancel at {n}"
+        assert lm.lm.lock.acquire(blocking=False), f"lock held after a cancel at {n}"
+        lm.lm.lock.release()
+        with anyio.fail_after(30):
+            assert await _answer(lm, frames[0]) == reference, f"after a cancel at {n}"
+    assert cut > 5
+    for s in (*solo_lms, *static_lms):
+        await s.teardown()
