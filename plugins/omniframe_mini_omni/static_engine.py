@@ -133,7 +133,7 @@ class _PoolView(KVCache):
     """A request's rows of the pool as a :class:`model.KVCache` (views, nothing allocated):
     the prefill writes the prompt's keys and values straight into the pool."""
 
-    def __init__(self, k: Tensor, v: Tensor) -> None:  # noqa: D107 (KVCache's buffers as views)
+    def __init__(self, k: Tensor, v: Tensor) -> None:
         nn.Module.__init__(self)
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
