@@ -171,8 +171,13 @@ class MiniOmniEngineModel:
     def prefill_cost(self, payload: TurnRequest) -> int:
         return payload.prompt_length() + payload.rows - 1  # FastLM's shared-prefix prefill
 
+    prefill_joins_step = False
+    """True: a prefill leaves the prompt's last position to the same engine step's batched
+    decode, which then produces the new turn's first tokens (static_engine)."""
+
     def step(self, prefill: Sequence[Work], decode: Sequence[Work]) -> dict[int, StepResult]:
         out: dict[int, StepResult] = {}
+        joined: list[Work] = []
         with torch.inference_mode():
             for work in prefill:
                 try:
@@ -180,8 +185,11 @@ class MiniOmniEngineModel:
                 except Exception as exc:  # noqa: BLE001 (this request's error, e.g. too long)
                     out[work.id] = StepResult(error=exc)
                     continue
-                out[work.id] = self._emit(work.state)
-            running = [w for w in decode if w.state is not None]
+                if self.prefill_joins_step:
+                    joined.append(work)
+                else:
+                    out[work.id] = self._emit(work.state)
+            running = [w for w in (*decode, *joined) if w.state is not None]
             if running:
                 self._decode([w.state for w in running])
                 for w in running:

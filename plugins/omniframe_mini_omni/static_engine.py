@@ -61,14 +61,14 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniframe.engine import StepResult, Work
+from omniframe.engine import Work
 
 from . import tokens
 from .device_sampling import sample_rows
@@ -238,25 +238,7 @@ class StaticEngineModel(MiniOmniEngineModel):
         return [_PoolView(k[r0 : r0 + rows, :, :length], v[r0 : r0 + rows, :, :length])
                 for k, v in zip(self.k_pool, self.v_pool, strict=True)]
 
-    def step(self, prefill: Sequence[Work], decode: Sequence[Work]) -> dict[int, StepResult]:
-        """Prefill the new requests' prompts but their last position; then one batched step
-        runs that last position of theirs (their first tokens) with everyone's decode step."""
-        out: dict[int, StepResult] = {}
-        joined: list[Work] = []
-        with torch.inference_mode():
-            for work in prefill:
-                try:
-                    self._prefill(work)
-                except Exception as exc:  # noqa: BLE001 (this request's error, e.g. too long)
-                    out[work.id] = StepResult(error=exc)
-                    continue
-                joined.append(work)
-            running = [w for w in (*decode, *joined) if w.state is not None]
-            if running:
-                self._decode([w.state for w in running])
-                for w in running:
-                    out[w.id] = self._emit(w.state)
-        return out
+    prefill_joins_step = True  # the prompt's last position runs in the batched step
 
     def _prefill(self, work: Work) -> None:
         """Positions 0..T-2 of row 0 into the slot (no heads), copied to row 1 (the rows of

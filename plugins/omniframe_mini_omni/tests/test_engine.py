@@ -254,22 +254,15 @@ async def test_stages_share_one_engine_and_answer_as_solo():
     engine_lms[0].lm.lock.release()
 
 
-@pytest.mark.anyio
-async def test_stage_cancel_at_every_point_on_the_engine():
-    """test_cancel_safety's sweep on the engine path: cut a turn at many points; the slot is
-    free, the lock is free, and the next turn is exactly the reference."""
+async def cancel_sweep(lm, engine, reference, frame, points, check=None) -> int:
+    """Cut a turn of ``lm`` after each of ``points`` event-loop rounds; after each cut the
+    engine's slot and the model's lock are free (and ``check()`` holds), and the next turn on
+    ``frame`` answers ``reference``. Returns how many turns were cut."""
     import anyio
     import anyio.lowlevel
 
-    from omniframe.resources import Resources
-
-    resources = Resources()
-    lm = _stage(resources, engine=True, max_new_tokens=10)
-    await lm.setup()
-    reference = await _answer(lm, _feats(1))
-    engine = lm.lm.engine("cpu")
     cut = 0
-    for n in range(0, 200, 4):
+    for n in points:
         with anyio.fail_after(30):
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
@@ -283,10 +276,27 @@ async def test_stage_cancel_at_every_point_on_the_engine():
                     tg.cancel_scope.cancel()
         cut += scope.cancelled_caught
         assert engine.active == 0 and engine.queued == 0, f"slot held after a cancel at {n}"
+        if check is not None:
+            assert check(), f"after a cancel at {n}"
         assert lm.lm.lock.acquire(blocking=False), f"lock held after a cancel at {n}"
         lm.lm.lock.release()
         with anyio.fail_after(30):
-            assert await _answer(lm, _feats(1)) == reference, f"after a cancel at {n}"
+            assert await _answer(lm, frame) == reference, f"after a cancel at {n}"
+    return cut
+
+
+@pytest.mark.anyio
+async def test_stage_cancel_at_every_point_on_the_engine():
+    """test_cancel_safety's sweep on the engine path: cut a turn at many points; the slot is
+    free, the lock is free, and the next turn is exactly the reference."""
+    from omniframe.resources import Resources
+
+    resources = Resources()
+    lm = _stage(resources, engine=True, max_new_tokens=10)
+    await lm.setup()
+    reference = await _answer(lm, _feats(1))
+    engine = lm.lm.engine("cpu")
+    cut = await cancel_sweep(lm, engine, reference, _feats(1), range(0, 200, 4))
     assert cut > 10
     await lm.teardown()
 

@@ -266,9 +266,6 @@ async def test_lm_stage_on_the_static_engine():
     concurrent stages equal their solo (lock path) answers, one engine for the model; then
     the cancel sweep: a turn cut at many points frees its slot, the lock, the KV pool's slot,
     and the next turn is the same again."""
-    import anyio
-    import anyio.lowlevel
-
     from omniframe.resources import Resources
 
     _stage, _feats, _answer = _stage_helpers()
@@ -289,27 +286,8 @@ async def test_lm_stage_on_the_static_engine():
     assert em.free_slots == em.capacity
 
     lm = static_lms[0]
-    reference = solo_out[0]
-    cut = 0
-    for n in range(0, 160, 8):
-        with anyio.fail_after(30):
-            with anyio.CancelScope() as scope:
-                async with anyio.create_task_group() as tg:
-                    async def cancel(n=n, scope=scope):
-                        for _ in range(n):
-                            await anyio.lowlevel.checkpoint()
-                        scope.cancel()
-
-                    tg.start_soon(cancel)
-                    await _answer(lm, _feats(2))
-                    tg.cancel_scope.cancel()
-        cut += scope.cancelled_caught
-        assert engine.active == 0 and engine.queued == 0, f"slot held after a cancel at {n}"
-        assert em.free_slots == em.capacity, f"KV slot held after a cancel at {n}"
-        assert lm.lm.lock.acquire(blocking=False), f"lock held after a cancel at {n}"
-        lm.lm.lock.release()
-        with anyio.fail_after(30):
-            assert await _answer(lm, frames[0]) == reference, f"after a cancel at {n}"
+    cut = await _te.cancel_sweep(lm, engine, solo_out[0], frames[0], range(0, 160, 8),
+                                 check=lambda: em.free_slots == em.capacity)
     assert cut > 5
     for s in (*solo_lms, *static_lms):
         await s.teardown()
