@@ -50,12 +50,22 @@ def counter_uniform(seed: Tensor, pos: Tensor, head: int, n: int) -> Tensor:
 
     Entry (r, i) is a function of (seed[r], pos[r], head, i) only.
     """
-    key = mix32(seed & M32)
-    key = mix32(key ^ (pos & M32))
-    key = mix32(key ^ ((head * 0x9E3779B1) & M32))  # (R,)
+    heads = torch.tensor([head], dtype=torch.int64, device=seed.device)
+    return counter_uniform_heads(seed, pos, heads, n)[:, 0]
+
+
+def counter_uniform_heads(seed: Tensor, pos: Tensor, heads: Tensor, n: int) -> Tensor:
+    """:func:`counter_uniform` of several heads at once: (R, H, n) for ``heads`` (H,) int64."""
+    key = mix32(mix32(seed & M32) ^ (pos & M32))  # (R,)
+    key = mix32(key[:, None] ^ ((heads * 0x9E3779B1) & M32)[None, :])  # (R, H)
     idx = torch.arange(n, device=seed.device, dtype=torch.int64)
-    h = mix32(key[:, None] ^ idx[None, :])  # (R, n)
+    h = mix32(key[:, :, None] ^ idx[None, None, :])  # (R, H, n)
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_heads(seed: Tensor, pos: Tensor, heads: Tensor, n: int) -> Tensor:
+    """Gumbel noise (R, H, n) float32 from :func:`counter_uniform_heads`."""
+    return -torch.log(-torch.log(counter_uniform_heads(seed, pos, heads, n)))
 
 
 def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -72,7 +82,7 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     in_k = ranks < k[:, None]
     probs = torch.softmax(desc.masked_fill(~in_k, float("-inf")), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
-    keep_sorted = in_k & (before < top_p[:, None])
+    keep_sorted = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # 1: no nucleus
     keep_sorted[:, 0] = True  # the most likely token always stays
     n_keep = keep_sorted.sum(dim=-1, keepdim=True)  # a prefix of the sorted order (<= k)
     thresh = desc.gather(1, n_keep - 1)  # (R, 1): the least likely kept value
@@ -81,7 +91,7 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
 
 def sample_rows(logits: Tensor, *, greedy: Tensor, temperature: Tensor, top_k: Tensor,
                 top_p: Tensor, seed: Tensor, pos: Tensor, head: int,
-                any_sampled: bool = True) -> Tensor:
+                any_sampled: bool = True, gumbel: Tensor | None = None) -> Tensor:
     """One id per row of ``logits`` (R, V) -> (R,) int64, each row with its own settings.
 
     Args:
@@ -91,12 +101,14 @@ def sample_rows(logits: Tensor, *, greedy: Tensor, temperature: Tensor, top_k: T
         head: which head of the step (noise of different heads is independent).
         any_sampled: False when every row is greedy: skips the sort and the noise (a static
             choice: a graph captured with False serves greedy batches only).
+        gumbel: this head's noise (R, V) if already made (:func:`gumbel_heads`), else made here.
     """
     if not any_sampled:
         return torch.argmax(logits, dim=-1)
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
     filtered = filter_logits(logits, safe_t, top_k, top_p)
-    u = counter_uniform(seed, pos, head, logits.size(-1))
-    gumbel = -torch.log(-torch.log(u))
+    if gumbel is None:
+        heads = torch.tensor([head], dtype=torch.int64, device=seed.device)
+        gumbel = gumbel_heads(seed, pos, heads, logits.size(-1))[:, 0]
     drawn = torch.argmax(filtered + gumbel, dim=-1)
     return torch.where(greedy, torch.argmax(logits, dim=-1), drawn)

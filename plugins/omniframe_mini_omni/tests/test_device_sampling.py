@@ -4,7 +4,7 @@ generate.sample, draws that follow the filtered softmax, and rows independent of
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from omniframe_mini_omni.device_sampling import (
     counter_uniform,
@@ -60,6 +60,9 @@ def test_filter_keeps_what_generate_sample_keeps(seed, k, top_p, temperature):
     values, idx = torch.topk(logits, k, dim=-1)
     ref = torch.full_like(logits, float("-inf")).scatter_(-1, idx, values) / temperature
     if top_p < 1.0:
+        # a token whose tail mass is the threshold to float precision may go either way
+        tail = torch.softmax(ref, dim=-1).sort(dim=-1).values.cumsum(dim=-1)
+        assume(not torch.any((tail - (1.0 - top_p)).abs() < 1e-5))
         ref = _nucleus(ref, top_p)
     assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
     keep = torch.isfinite(ref)
