@@ -35,7 +35,7 @@ How each piece keeps a request's numbers those of its solo run:
 **GPU: the static step** (:mod:`.static_engine`, what the LM stage uses on CUDA): a KV slot
 pool instead of per-request caches, one masked attention over all rows instead of the
 per-request loop here, sampling on the device, and the step replayed as a CUDA graph per
-(rows, length) bucket; it reuses this class's prefill and per-turn bookkeeping. SNAC decoding
+(rows, length) bucket; it reuses this class's per-turn bookkeeping. SNAC decoding
 of all sessions' pending frames runs in one batch (:mod:`.snac_batch`). **CPU: this class**,
 where the small-batch bf16 kernel (csrc/small_linear.cpp: AVX512-BF16, AVX-512F or AVX2
 paths) takes up to kernels.MAX_ROWS = 8 rows per weight pass (4 A1A2 sessions); more rows go

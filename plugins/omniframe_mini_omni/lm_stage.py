@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import anyio
+import structlog
 from pydantic import Field, field_validator, model_validator
 
 from omniframe.frames import (
@@ -86,6 +87,8 @@ class _Loaded:
         self.lock = threading.Lock()
         self._engine: Any = None
         self._engine_lock = threading.Lock()
+        self.engine_kind: str | None = None  # "static" or "dynamic" once the engine exists
+        self._kind_warned = False
 
     def engine(self, device: str, kind: str = "auto") -> Any:
         """The model's :class:`omniframe.engine.Engine` (one per loaded model, of the kind the
@@ -103,6 +106,7 @@ class _Loaded:
 
                 if kind == "auto":
                     kind = "static" if torch.device(device).type == "cuda" else "dynamic"
+                self.engine_kind = kind
                 em: Any = MiniOmniEngineModel(self.model)
                 if kind == "static":
                     em = StaticEngineModel(self.model, capacity=ENGINE_CAPACITY)
@@ -111,6 +115,12 @@ class _Loaded:
                 self._engine = Engine(em, capacity=ENGINE_CAPACITY,
                                       prefill_budget=ENGINE_PREFILL_BUDGET, device=str(device),
                                       name="mini-omni-engine", gate=self.lock)
+            elif kind not in ("auto", self.engine_kind) and not self._kind_warned:
+                self._kind_warned = True
+                structlog.get_logger("omniframe.mini_omni.lm").warning(
+                    "engine_kind ignored: this model's engine already runs the other kind "
+                    "(one engine per loaded model; give every stage on it the same "
+                    "engine_kind)", asked=kind, running=self.engine_kind)
             return self._engine
 
 

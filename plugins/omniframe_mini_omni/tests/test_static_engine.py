@@ -14,6 +14,7 @@ import torch
 from omniframe_mini_omni.engine import MiniOmniEngineModel, TurnRequest
 from omniframe_mini_omni.generate import SamplingOptions
 from omniframe_mini_omni.static_engine import MIN_LEN_BUCKET, StaticEngineModel, bucket
+from structlog.testing import capture_logs
 
 from omniframe.engine import Engine, Work
 
@@ -284,6 +285,10 @@ async def test_lm_stage_on_the_static_engine():
     em = engine.model
     assert isinstance(em, StaticEngineModel) and static_lms[2].lm.engine("cpu") is engine
     assert em.free_slots == em.capacity
+    with capture_logs() as logs:  # one engine per model: another kind is refused, loudly
+        assert static_lms[0].lm.engine("cpu", "dynamic") is engine
+        static_lms[0].lm.engine("cpu", "dynamic")
+    assert [e["event"][:21] for e in logs] == ["engine_kind ignored: "]
 
     lm = static_lms[0]
     cut = await _te.cancel_sweep(lm, engine, solo_out[0], frames[0], range(0, 160, 8),
