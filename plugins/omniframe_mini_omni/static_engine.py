@@ -152,9 +152,9 @@ class StaticEngineModel(MiniOmniEngineModel):
             :func:`layer_post`) and the sampling noise (:func:`device_sampling.gumbel_heads`)
             through ``torch.compile`` (one compilation each for every layer and row count;
             paid at the first step or :meth:`capture`): fuses the norms, RoPE, activations
-            and the noise hash. The eager float32 step is
-            ~1,150 PyTorch ops at the released size (~1,900 when a row samples), many of
-            them elementwise kernels of a few microseconds each on a GPU.
+            and the noise hash. The eager float32 step is ~1,150 PyTorch ops at the released
+            size (~1,900 when a row samples), most of them elementwise kernels of a few
+            microseconds each on a GPU, which a graph replays but does not shorten.
     """
 
     def __init__(self, model: Any, *, capacity: int, max_len: int | None = None,
