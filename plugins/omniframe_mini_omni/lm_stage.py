@@ -90,12 +90,14 @@ class _Loaded:
         self.engine_kind: str | None = None  # "static" or "dynamic" once the engine exists
         self._kind_warned = False
 
-    def engine(self, device: str, kind: str = "auto") -> Any:
+    def engine(self, device: str, kind: str = "auto", capacity: int | None = None) -> Any:
         """The model's :class:`omniframe.engine.Engine` (one per loaded model, of the kind the
         first caller asks for). Its steps hold ``lock``, so solo turns and engine steps never
         interleave on the model. ``kind``: ``static`` (KV slot pool, one batched attention,
         device sampling, CUDA graphs on a GPU: static_engine.py), ``dynamic`` (per-request
-        caches, the small-batch CPU kernel: engine.py), ``auto`` (static on CUDA)."""
+        caches, the small-batch CPU kernel: engine.py), ``auto`` (static on CUDA).
+        ``capacity``: turns decoding at once (default :data:`ENGINE_CAPACITY`, or
+        :data:`ENGINE_CAPACITY_CUDA` on a GPU)."""
         with self._engine_lock:
             if self._engine is None:
                 import torch
@@ -104,15 +106,18 @@ class _Loaded:
                 from omniframe_mini_omni.engine import MiniOmniEngineModel
                 from omniframe_mini_omni.static_engine import StaticEngineModel
 
+                cuda = torch.device(device).type == "cuda"
                 if kind == "auto":
-                    kind = "static" if torch.device(device).type == "cuda" else "dynamic"
+                    kind = "static" if cuda else "dynamic"
+                if capacity is None:
+                    capacity = ENGINE_CAPACITY_CUDA if cuda else ENGINE_CAPACITY
                 self.engine_kind = kind
                 em: Any = MiniOmniEngineModel(self.model)
                 if kind == "static":
-                    em = StaticEngineModel(self.model, capacity=ENGINE_CAPACITY)
+                    em = StaticEngineModel(self.model, capacity=capacity)
                     with self.lock:  # every bucket's graph now (on a GPU), not in a live turn
                         em.capture()
-                self._engine = Engine(em, capacity=ENGINE_CAPACITY,
+                self._engine = Engine(em, capacity=capacity,
                                       prefill_budget=ENGINE_PREFILL_BUDGET, device=str(device),
                                       name="mini-omni-engine", gate=self.lock)
             elif kind not in ("auto", self.engine_kind) and not self._kind_warned:
@@ -125,7 +130,11 @@ class _Loaded:
 
 
 ENGINE_CAPACITY = 16
-"""Turns an engine decodes at once (more queue, FIFO)."""
+"""Turns an engine decodes at once on a CPU (more queue, FIFO)."""
+ENGINE_CAPACITY_CUDA = 96
+"""... on a GPU: issue 12 aims at 64 real-time sessions per GPU. The static engine's KV pool
+for 96 turns of 2 rows x 2,049 positions is 4.8 GB in bfloat16 (9.7 in float32), allocated
+when the engine is first used; ``engine_capacity`` sets it per model."""
 ENGINE_PREFILL_BUDGET = 512
 """Prompt positions an engine step prefills at most (one prompt always fits: a 5 s question is
 ~254 positions; see omniframe/engine.py)."""
@@ -251,6 +260,10 @@ class MiniOmniLM(Stage):
         model's lock (the path ``faithful`` always takes). Engine steps hold that lock too, so
         stages of both kinds on one model take turns (a solo turn waits while the engine has
         work)."""
+        engine_capacity: int | None = Field(default=None, ge=1, le=1024)
+        """Turns the model's engine decodes at once (the others wait in FIFO order); default
+        16 on a CPU, 96 on a GPU. The static engine's KV pool is sized by it. One engine per
+        loaded model: the first stage to use it decides."""
         engine_kind: Literal["auto", "static", "dynamic"] = "auto"
         """Which engine step: ``static`` (a KV slot pool, one batched attention for all
         sessions, sampling on the device, CUDA graphs on a GPU; seeded sampling draws from a
@@ -319,7 +332,8 @@ class MiniOmniLM(Stage):
             self.tokenizer = _ByteTokenizer()
         if o.engine and not o.faithful and str(device).startswith("cuda"):
             t = time.perf_counter()
-            await self.run_sync(self.lm.engine, str(device), o.engine_kind)  # + CUDA graphs
+            await self.run_sync(self.lm.engine, str(device), o.engine_kind,  # + CUDA graphs
+                                o.engine_capacity)
             self.log.info("engine ready", graph_capture_s=round(time.perf_counter() - t, 2))
         self._trace_file: IO[str] | None = None
         self._trace_lock = threading.Lock()
@@ -500,7 +514,7 @@ class MiniOmniLM(Stage):
         from omniframe_mini_omni.tokens import Task as TaskEnum
 
         o = self.options
-        engine = self.lm.engine(self.context.device, o.engine_kind)
+        engine = self.lm.engine(self.context.device, o.engine_kind, o.engine_capacity)
         request = TurnRequest(task, batch_parallel=o.batch_parallel and task is TaskEnum.A1A2,
                               sampling=sampling, seed=o.seed, max_steps=o.max_new_tokens,
                               trace=self._tracer(turn), **kwargs)

@@ -273,7 +273,8 @@ async def test_lm_stage_on_the_static_engine():
     resources = Resources()
     options = [{"task": "A1A2"}, {"task": "A1T2"}, {"task": "A1A2", "max_new_tokens": 9}]
     solo_lms = [_stage(resources, engine=False, **o) for o in options]
-    static_lms = [_stage(resources, engine_kind="static", **o) for o in options]
+    static_lms = [_stage(resources, engine_kind="static", engine_capacity=3, **o)
+                  for o in options]
     for lm in (*solo_lms, *static_lms):
         await lm.setup()
     frames = [_feats(1), _feats(2, 9), _feats(3, 15)]
@@ -284,7 +285,9 @@ async def test_lm_stage_on_the_static_engine():
     engine = static_lms[0].lm.engine("cpu")
     em = engine.model
     assert isinstance(em, StaticEngineModel) and static_lms[2].lm.engine("cpu") is engine
-    assert em.free_slots == em.capacity
+    assert em.free_slots == em.capacity == engine.capacity == 3
+    with pytest.raises(ValueError, match="engine_capacity"):
+        _stage(resources, engine_capacity=0)
     with capture_logs() as logs:  # one engine per model: another kind is refused, loudly
         assert static_lms[0].lm.engine("cpu", "dynamic") is engine
         static_lms[0].lm.engine("cpu", "dynamic")
