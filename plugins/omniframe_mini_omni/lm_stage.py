@@ -110,7 +110,9 @@ class _Loaded:
                 if kind == "auto":
                     kind = "static" if cuda else "dynamic"
                 if capacity is None:
-                    capacity = ENGINE_CAPACITY_CUDA if cuda else ENGINE_CAPACITY
+                    capacity = ENGINE_CAPACITY
+                    if cuda:
+                        capacity = _cuda_capacity(self.model, torch.device(device))
                 self.engine_kind = kind
                 em: Any = MiniOmniEngineModel(self.model)
                 if kind == "static":
@@ -132,9 +134,30 @@ class _Loaded:
 ENGINE_CAPACITY = 16
 """Turns an engine decodes at once on a CPU (more queue, FIFO)."""
 ENGINE_CAPACITY_CUDA = 96
-"""... on a GPU: issue 12 aims at 64 real-time sessions per GPU. The static engine's KV pool
-for 96 turns of 2 rows x 2,049 positions is 4.8 GB in bfloat16 (9.7 in float32), allocated
-when the engine is first used; ``engine_capacity`` sets it per model."""
+"""... on a GPU, at most: issue 12 aims at 64 real-time sessions per GPU. The static engine's
+KV pool for 96 turns of 2 rows x 2,049 positions is 4.8 GB in bfloat16 (9.7 in float32); the
+default takes fewer turns when the pool would need more than
+:data:`ENGINE_POOL_SHARE` of the GPU's free memory. ``engine_capacity`` sets it per model."""
+ENGINE_POOL_SHARE = 0.4
+"""Share of the GPU's free memory the default KV pool may take (the rest: activations, SNAC,
+Whisper, CUDA graphs)."""
+
+
+def _cuda_capacity(model: Any, device: Any) -> int:
+    """The default engine capacity on a GPU: ENGINE_CAPACITY_CUDA turns, or as many as fit in
+    ENGINE_POOL_SHARE of the free memory (at least 1)."""
+    import torch
+
+    from omniframe_mini_omni.static_engine import StaticEngineModel
+
+    free, _total = torch.cuda.mem_get_info(device)
+    fit = int(free * ENGINE_POOL_SHARE // StaticEngineModel.slot_bytes(model))
+    capacity = max(1, min(ENGINE_CAPACITY_CUDA, fit))
+    if capacity < ENGINE_CAPACITY_CUDA:
+        structlog.get_logger("omniframe.mini_omni.lm").info(
+            "engine capacity limited by free GPU memory", capacity=capacity,
+            free_gb=round(free / 1e9, 2))
+    return capacity
 ENGINE_PREFILL_BUDGET = 512
 """Prompt positions an engine step prefills at most (one prompt always fits: a 5 s question is
 ~254 positions; see omniframe/engine.py)."""
@@ -262,8 +285,9 @@ class MiniOmniLM(Stage):
         work)."""
         engine_capacity: int | None = Field(default=None, ge=1, le=1024)
         """Turns the model's engine decodes at once (the others wait in FIFO order); default
-        16 on a CPU, 96 on a GPU. The static engine's KV pool is sized by it. One engine per
-        loaded model: the first stage to use it decides."""
+        16 on a CPU, on a GPU 96 or what 40 % of its free memory holds. The static engine's KV
+        pool is sized by it. One engine per loaded model: the first stage to use it
+        decides."""
         engine_kind: Literal["auto", "static", "dynamic"] = "auto"
         """Which engine step: ``static`` (a KV slot pool, one batched attention for all
         sessions, sampling on the device, CUDA graphs on a GPU; seeded sampling draws from a

@@ -176,10 +176,18 @@ class StaticEngineModel(MiniOmniEngineModel):
         G, hs, L1 = c.n_query_groups, c.head_size, self.max_len + 1
         with torch.inference_mode():
             shape = (self.rows, G, L1, hs)
-            self.k_pool = [torch.zeros(shape, device=device, dtype=model.dtype)
-                           for _ in model.transformer.h]
-            self.v_pool = [torch.zeros(shape, device=device, dtype=model.dtype)
-                           for _ in model.transformer.h]
+            try:
+                self.k_pool = [torch.zeros(shape, device=device, dtype=model.dtype)
+                               for _ in model.transformer.h]
+                self.v_pool = [torch.zeros(shape, device=device, dtype=model.dtype)
+                               for _ in model.transformer.h]
+            except torch.OutOfMemoryError as exc:
+                self.k_pool = self.v_pool = []
+                need = capacity * self.slot_bytes(model, self.max_len) / 1e9
+                raise RuntimeError(
+                    f"the engine's KV pool for {capacity} turns of {self.max_len} positions "
+                    f"needs {need:.2f} GB on {device}, which is not free: lower the capacity "
+                    "(the LM stage's engine_capacity) or max_len") from exc
             # static inputs of the step (device) and their host mirrors (pinned on CUDA)
             self._ibuf = torch.zeros(self.rows, _INT_COLS, dtype=torch.long, device=device)
             self._fbuf = torch.ones(self.rows, 2, dtype=torch.float32, device=device)
@@ -206,6 +214,14 @@ class StaticEngineModel(MiniOmniEngineModel):
         self._graphs: dict[tuple[int, int, bool], Any] = {}
         self._mempool: Any = None
         self.last_bucket: tuple[int, int, bool] | None = None  # (Rb, Lb, sampled) of the last step
+
+    @staticmethod
+    def slot_bytes(model: Any, max_len: int | None = None) -> int:
+        """Bytes of KV pool one slot (2 rows) takes for ``model`` at ``max_len`` positions."""
+        c = model.config
+        positions = int(max_len or c.block_size) + 1
+        elem = torch.empty((), dtype=model.dtype).element_size()
+        return 2 * 2 * c.n_layer * c.n_query_groups * positions * c.head_size * elem
 
     # ------------------------------------------------------------------ slots
     @property

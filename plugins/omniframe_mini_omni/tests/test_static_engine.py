@@ -299,3 +299,31 @@ async def test_lm_stage_on_the_static_engine():
     assert cut > 5
     for s in (*solo_lms, *static_lms):
         await s.teardown()
+
+
+def test_pool_size_and_a_clear_out_of_memory_error(tiny_model, monkeypatch):
+    em = StaticEngineModel(tiny_model, capacity=3, max_len=100)
+    pool = sum(t.numel() * t.element_size() for t in (*em.k_pool, *em.v_pool))
+    assert pool == 3 * StaticEngineModel.slot_bytes(tiny_model, 100)
+
+    from omniframe_mini_omni import static_engine
+
+    def no_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(static_engine.torch, "zeros", no_memory)
+    with pytest.raises(RuntimeError, match=r"KV pool for 500 turns .* lower the capacity"):
+        StaticEngineModel(tiny_model, capacity=500, max_len=100)
+
+
+def test_default_gpu_capacity_follows_free_memory(tiny_model, monkeypatch):
+    """On a GPU the LM stage's engine takes 96 turns, or what 40 % of the free memory holds."""
+    from omniframe_mini_omni import lm_stage
+
+    slot = StaticEngineModel.slot_bytes(tiny_model)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (int(10.5 * slot / 0.4), 0))
+    assert lm_stage._cuda_capacity(tiny_model, "cuda") == 10
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (10**15, 0))
+    assert lm_stage._cuda_capacity(tiny_model, "cuda") == lm_stage.ENGINE_CAPACITY_CUDA
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (0, 0))
+    assert lm_stage._cuda_capacity(tiny_model, "cuda") == 1
