@@ -29,6 +29,12 @@ The last line is one JSON object: ``step_ms_p50/p99`` at 1 session, ``first_audi
 at the largest N, ``realtime_sessions``, ``peak_gpu_mem_gb`` (CUDA) or ``peak_rss_gb``, the
 device, and the table (one row per N). ``--plot`` writes a PNG of the table.
 
+``--pace FRAMES`` makes each sink take frames no earlier than a player with FRAMES frames of
+buffer needs them: a fast device then runs ahead only by that buffer plus the engine's backlog
+(64 steps), after which backpressure holds the session, and long answers last as long as
+their speech, so N sessions really overlap (on a GPU, without it, a 48-step answer is over in
+a fraction of a second).
+
 The machine may be shared: the load average is printed; numbers under load are lower bounds.
 """
 
@@ -135,6 +141,9 @@ async def simulate(model: Any, n: int, args: argparse.Namespace,
                 step_times.append(now)
                 if step.frame is not None:
                     frame_times.append(now)
+                    if args.pace:  # a sink with a buffer of --pace frames: take no earlier
+                        due = frame_times[0] + (len(frame_times) - args.pace) * STEP_AUDIO_S
+                        await asyncio.sleep(max(0.0, due - now))
         start = frame_times[0] if frame_times else t_submit
         # the sink plays frame k at start + k * 85.3 ms: a later arrival is a gap
         gaps = sum(1 for k, t in enumerate(frame_times) if t > start + k * STEP_AUDIO_S + 1e-3)
@@ -192,6 +201,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--answer-steps", type=int, default=48, help="decode steps per answer")
     ap.add_argument("--spread", type=float, default=3.0, help="questions arrive within (s)")
+    ap.add_argument("--pace", type=int, default=0, metavar="FRAMES",
+                    help="take answer frames no earlier than a sink with a buffer of FRAMES "
+                    "frames needs them (0: as fast as they come). Answers longer than FRAMES + "
+                    "the engine's backlog (64) then run at the pace of speech, so sessions "
+                    "overlap as in a service; an answer is real time when no frame arrives "
+                    "after its playback time")
     ap.add_argument("--prefill-budget", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
