@@ -103,12 +103,12 @@ def static_model(model: Any, args: argparse.Namespace) -> tuple[Any, dict[str, A
     from omniframe_mini_omni.static_engine import StaticEngineModel
 
     em = StaticEngineModel(model, capacity=max(args.ns), max_len=args.max_len,
-                           graphs=args.graphs, compile=args.compile)
+                           graphs=args.graphs, compile=args.compile, attention=args.attention)
     t = time.perf_counter()
     captured = em.capture([(r, n, False) for r, n in em.buckets()]) if args.capture else 0
     # with --compile the first capture also compiles (inductor): both are setup time
     return em, {"graphs_captured": captured, "capture_s": round(time.perf_counter() - t, 2),
-                "compile": args.compile}
+                "compile": args.compile, "attention": args.attention or "default"}
 
 
 async def simulate(model: Any, n: int, args: argparse.Namespace,
@@ -219,6 +219,8 @@ def main() -> None:
                     help="static engine: replay CUDA graphs (default on CUDA)")
     ap.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True,
                     help="static engine with graphs: capture every bucket before the run")
+    ap.add_argument("--attention", choices=["efficient", "cudnn", "math"], default=None,
+                    help="static engine: force the step's SDPA backend (default: PyTorch's)")
     ap.add_argument("--compile", action="store_true",
                     help="static engine: torch.compile the blocks' pre/post-attention work")
     ap.add_argument("--max-len", type=int, default=512,

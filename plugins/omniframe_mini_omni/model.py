@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -64,6 +64,19 @@ def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tenso
     att = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, G, q_per_kv, S)
     y = torch.matmul(att.softmax(dim=-1), v.float())  # (B, G, q_per_kv, hs)
     return y.to(q.dtype).reshape(B, nh, 1, hs)
+
+
+def _varlen_sdpa(q: Tensor) -> AbstractContextManager[None]:
+    """SDPA backends for shapes that change every call (prompts, a growing cache): on CUDA
+    every backend but cuDNN attention, which builds an execution plan per new sequence length
+    (~50 ms each on an H100, measured by benchmarks/decode_attention.py: a bf16 faithful
+    decode step took 75.7 ms with it, 20.6 ms without). Elsewhere PyTorch's choice."""
+    if not q.is_cuda:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 class RMSNorm(nn.Module):
@@ -195,15 +208,16 @@ class CausalSelfAttention(nn.Module):
         if T == 1 and mask is None and _decode_linear.get() is not None:
             y = _one_query_attention(q, k, v, 1.0 / math.sqrt(hs))
         else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None and T > 1 and k.size(2) == T,
-                scale=1.0 / math.sqrt(hs),
-                enable_gqa=self.n_head != G,
-            )  # (B, nh, T, hs)
+            with _varlen_sdpa(q):
+                y = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=mask is None and T > 1 and k.size(2) == T,
+                    scale=1.0 / math.sqrt(hs),
+                    enable_gqa=self.n_head != G,
+                )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)
         return _linear(self.proj, y)
 

@@ -62,6 +62,7 @@ import heapq
 import math
 import random
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -76,6 +77,8 @@ from .engine import MiniOmniEngineModel, TurnRequest, _installed, _Turn
 from .fastpath import FastLM
 from .model import KVCache, apply_rope
 
+ATTENTION_BACKENDS = {None: None, "efficient": "EFFICIENT_ATTENTION",
+                      "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 MIN_LEN_BUCKET = 64
 """Smallest attention length bucket (positions)."""
 
@@ -148,6 +151,9 @@ class StaticEngineModel(MiniOmniEngineModel):
         capacity: slots in the KV pool (turns decoding at once): at least the engine's capacity.
         max_len: positions per row (prompt + answer); default the model's ``block_size``.
         graphs: replay CUDA graphs (default: on a CUDA device). Off: the same step eagerly.
+        attention: the SDPA backend of the step (``flash`` cannot take its mask):
+            ``efficient``, ``cudnn``, ``math``, or None for PyTorch's choice. The step's
+            shapes are fixed per bucket, so cuDNN's per-shape planning is paid once there.
         compile: run each block's pre- and post-attention work (:func:`layer_pre`,
             :func:`layer_post`) and the sampling noise (:func:`device_sampling.gumbel_heads`)
             through ``torch.compile`` (one compilation each for every layer and row count;
@@ -158,8 +164,13 @@ class StaticEngineModel(MiniOmniEngineModel):
     """
 
     def __init__(self, model: Any, *, capacity: int, max_len: int | None = None,
-                 graphs: bool | None = None, compile: bool = False) -> None:
+                 graphs: bool | None = None, compile: bool = False,
+                 attention: str | None = None) -> None:
         super().__init__(model, exact=False, step_kernels=False)
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(map(str, ATTENTION_BACKENDS))},"
+                             f" got {attention!r}")
+        self.attention = attention
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         c = model.config
@@ -395,15 +406,23 @@ class StaticEngineModel(MiniOmniEngineModel):
             kp, vp = self.k_pool[layer], self.v_pool[layer]
             kp.view(-1, hs).index_copy_(0, write, k)
             vp.view(-1, hs).index_copy_(0, write, v)
-            y = F.scaled_dot_product_attention(
-                q, kp[:Rb, :, :Lb], vp[:Rb, :, :Lb],
-                attn_mask=mask, scale=scale)  # (Rb, G, q_per_kv, hs): head g * q_per_kv + s
+            with self._attention_backends():
+                y = F.scaled_dot_product_attention(
+                    q, kp[:Rb, :, :Lb], vp[:Rb, :, :Lb],
+                    attn_mask=mask, scale=scale)  # (Rb, G, q_per_kv, hs): head g*q_per_kv+s
             x = post(x, y.reshape(Rb, 1, nh * hs), a.proj.weight, block.norm_2.weight,
                      block.norm_2.eps, mlp.fc_1.weight, mlp.fc_2.weight, mlp.proj.weight)
         hidden = model.transformer.ln_f(x)[:, 0]  # (Rb, C)
         ids = self._sample(model.audio_logits(hidden), model.text_logits(hidden), ints, floats,
                            pos, sampled)
         self._out[:Rb].copy_(ids)
+
+    def _attention_backends(self) -> AbstractContextManager[Any]:
+        if self.attention is None:
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, ATTENTION_BACKENDS[self.attention])])
 
     # ------------------------------------------------------------------ CUDA graphs
     def _replay(self, Rb: int, Lb: int, sampled: bool) -> None:

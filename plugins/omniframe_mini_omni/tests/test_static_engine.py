@@ -139,6 +139,16 @@ def test_errors_free_the_slot(tiny_model):
         StaticEngineModel(tiny_model, capacity=1, max_len=10**6)
     with pytest.raises(ValueError, match="CUDA"):
         StaticEngineModel(tiny_model, capacity=1, max_len=64, graphs=True)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        StaticEngineModel(tiny_model, capacity=1, max_len=64, attention="flash")
+
+
+def test_a_forced_attention_backend_gives_the_same_tokens(tiny_model):
+    reqs = greedy_requests(tiny_model)[:2]
+    default = drive(StaticEngineModel(tiny_model, capacity=2, max_len=64), reqs, [0, 1])
+    math_only = drive(StaticEngineModel(tiny_model, capacity=2, max_len=64, attention="math"),
+                      reqs, [0, 1])
+    assert math_only == default
 
 
 def test_max_length_stop_at_the_pool_size(tiny_model):
