@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,22 @@ def test_default_gpu_capacity_follows_free_memory(tiny_model, monkeypatch):
     assert lm_stage._cuda_capacity(tiny_model, "cuda") == lm_stage.ENGINE_CAPACITY_CUDA
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (0, 0))
     assert lm_stage._cuda_capacity(tiny_model, "cuda") == 1
+
+
+def test_a_failing_compile_falls_back_to_the_plain_step(tiny_model, monkeypatch):
+    """The LM stage compiles the static step on a GPU; when compiling (done while capturing)
+    fails, it warns and builds the engine without compile."""
+    from omniframe_mini_omni import lm_stage
+
+    def capture(self, keys=None):
+        if self.compiled:
+            raise RuntimeError("triton is missing")
+        return 0
+
+    monkeypatch.setattr(StaticEngineModel, "capture", capture)
+    with capture_logs() as logs:
+        em = lm_stage._static_engine(tiny_model, 2, compile=True, lock=threading.Lock())
+    assert isinstance(em, StaticEngineModel) and not em.compiled
+    assert logs[0]["log_level"] == "warning" and "triton is missing" in logs[0]["error"]
+    em = lm_stage._static_engine(tiny_model, 2, compile=False, lock=threading.Lock())
+    assert not em.compiled
