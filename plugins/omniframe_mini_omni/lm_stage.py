@@ -148,16 +148,16 @@ def _static_engine(model: Any, capacity: int, *, compile: bool, lock: Any) -> An
     from omniframe_mini_omni.static_engine import StaticEngineModel
 
     with lock:
+        em = StaticEngineModel(model, capacity=capacity, compile=compile)
         if compile:
             try:
-                em = StaticEngineModel(model, capacity=capacity, compile=True)
                 em.capture()
                 return em
             except Exception as exc:  # noqa: BLE001 (any compiler failure: run uncompiled)
                 structlog.get_logger("omniframe.mini_omni.lm").warning(
                     "engine: torch.compile failed, decoding without it (~2x slower steps)",
                     error=f"{type(exc).__name__}: {exc}"[:300])
-        em = StaticEngineModel(model, capacity=capacity)
+                em.disable_compile()
         em.capture()
         return em
 

@@ -234,6 +234,12 @@ class StaticEngineModel(MiniOmniEngineModel):
         elem = torch.empty((), dtype=model.dtype).element_size()
         return 2 * 2 * c.n_layer * c.n_query_groups * positions * c.head_size * elem
 
+    def disable_compile(self) -> None:
+        """Run the step's eager functions from now on (and drop the graphs captured so far)."""
+        self.compiled = False
+        self._pre, self._post, self._noise = layer_pre, layer_post, gumbel_heads
+        self._graphs.clear()
+
     # ------------------------------------------------------------------ slots
     @property
     def free_slots(self) -> int:

@@ -354,6 +354,9 @@ def test_a_failing_compile_falls_back_to_the_plain_step(tiny_model, monkeypatch)
     with capture_logs() as logs:
         em = lm_stage._static_engine(tiny_model, 2, compile=True, lock=threading.Lock())
     assert isinstance(em, StaticEngineModel) and not em.compiled
+    from omniframe_mini_omni.static_engine import layer_pre
+
+    assert em._pre is layer_pre  # the same engine (one pool), now running the eager step
     assert logs[0]["log_level"] == "warning" and "triton is missing" in logs[0]["error"]
     em = lm_stage._static_engine(tiny_model, 2, compile=False, lock=threading.Lock())
     assert not em.compiled
