@@ -233,6 +233,14 @@ def main() -> None:
                else list(range(1, args.sessions + 1)))
     if not args.ns or args.ns[0] < 1:
         ap.error("--ns: session counts must be >= 1")
+    if args.pace < 0:
+        ap.error("--pace: frames of buffer must be >= 0")
+    if args.answer_steps < 1:
+        ap.error("--answer-steps must be >= 1")
+    need = QUESTION_FRAMES + 3 + args.answer_steps + 1
+    if args.engine == "static" and args.max_len < need:
+        ap.error(f"--max-len {args.max_len} cannot hold a 5 s question and "
+                 f"{args.answer_steps} answer steps: it needs at least {need}")
 
     import torch
     from omniframe_mini_omni import kernels

@@ -6,26 +6,9 @@
 # Results: JSON lines under $OUT (engine*, decode_attention, snac_batch .jsonl; gpu_tests.log),
 # a summary last. Everything ends within $BUDGET s (530) of the start; expected ~6 min.
 # (benchmarks/engine.py also measures the solo path of one session, the baseline.)
-set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-  --target /tmp/site-omni . && export PYTHONPATH=/tmp/site-omni:$PYTHONPATH
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-BUDGET=${BUDGET:-530}  # seconds for everything below (one device call is at most 600)
-run() {  # name, timeout, command...: skipped or shortened when the budget is nearly spent
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 25 ]; then echo "== $name skipped (budget)" >&2; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (${limit}s max, ${SECONDS}s in)" >&2
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "rc=$?" >> "$OUT/$name.log"
-  grep '^{' "$OUT/$name.log" | tail -n 1 >> "$OUT/$name.jsonl" || true
-}
+BUDGET=${BUDGET:-530}
+source scripts/gpu_lib.sh
 # in order of what matters most if time runs out
 # 1. the static engine's graphs on this GPU: replays equal eager steps (fp32: solo runs too)
 run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -50,5 +33,4 @@ run engine_fp32 45 python3 benchmarks/engine.py --device cuda --engine static \
 # 6. cross-session SNAC batching: N pending chunks in one forward against one by one
 run snac_batch 40 python3 benchmarks/snac_batch.py --device cuda --widths 1,4,10 \
   --sessions 1,4,16,64 --rounds 5
-echo "== summary" >&2
-for f in "$OUT"/*.jsonl; do echo "$(basename "$f"): $(tail -c 600 "$f")"; done
+summary 600

@@ -3,27 +3,9 @@
 # 12 and 14 in priority order, all ending within $BUDGET s (default 420) of the start so that a
 # rerun still fits. Longer, fuller versions: scripts/gpu_engine_bench.sh, gpu_train_bench.sh.
 # Here first: bash ../shared/tools/gpu-wheels.sh; there (carry [".whl"]): bash scripts/gpu_session.sh
-set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-  --target /tmp/site-omni . && export PYTHONPATH=/tmp/site-omni:$PYTHONPATH
-export PYTHONPATH=$PWD:$PWD/plugins:$PYTHONPATH PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 BUDGET=${BUDGET:-420}
-run() {  # name, timeout, command...: skipped or shortened when the budget is nearly spent
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 25 ]; then echo "== $name skipped (budget)" >&2; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (${limit}s max, ${SECONDS}s in)" >&2
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "rc=$?" >> "$OUT/$name.log"
-  grep '^{' "$OUT/$name.log" | tail -n 1 >> "$OUT/$name.jsonl" || true
-}
+source scripts/gpu_lib.sh
 # 1. static engine on this GPU: graph replays equal eager steps; fp32 greedy equals solo runs
 run gpu_tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu \
   plugins/omniframe_mini_omni/tests/test_static_engine.py
@@ -42,6 +24,5 @@ run engine_dynamic 40 python3 benchmarks/engine.py --device cuda --engine dynami
   --dtype bfloat16 --ns 1 --answer-steps 24
 run engine_nocompile 40 python3 benchmarks/engine.py --device cuda --engine static \
   --dtype bfloat16 --ns 1,8 --answer-steps 24
-echo "== summary (${SECONDS}s)" >&2
 tail -n 3 "$OUT/gpu_tests.log"
-for f in "$OUT"/*.jsonl; do echo "$(basename "$f"): $(tail -c 700 "$f")"; done
+summary 700

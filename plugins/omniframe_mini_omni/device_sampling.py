@@ -45,17 +45,10 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def counter_uniform(seed: Tensor, pos: Tensor, head: int, n: int) -> Tensor:
-    """Uniform noise in (0, 1): (R, n) float32 for rows with ``seed`` and ``pos`` (R,) int64.
-
-    Entry (r, i) is a function of (seed[r], pos[r], head, i) only.
-    """
-    heads = torch.tensor([head], dtype=torch.int64, device=seed.device)
-    return counter_uniform_heads(seed, pos, heads, n)[:, 0]
-
-
 def counter_uniform_heads(seed: Tensor, pos: Tensor, heads: Tensor, n: int) -> Tensor:
-    """:func:`counter_uniform` of several heads at once: (R, H, n) for ``heads`` (H,) int64."""
+    """Uniform noise in (0, 1): (R, H, n) float32 for rows with ``seed`` and ``pos`` (R,)
+    int64 and ``heads`` (H,) int64. Entry (r, h, i) is a function of (seed[r], pos[r],
+    heads[h], i) only."""
     key = mix32(mix32(seed & M32) ^ (pos & M32))  # (R,)
     key = mix32(key[:, None] ^ ((heads * 0x9E3779B1) & M32)[None, :])  # (R, H)
     idx = torch.arange(n, device=seed.device, dtype=torch.int64)

@@ -373,11 +373,13 @@ class MiniOmniLM(Stage):
                              "stand-in; pass options.tokenizer=/path/tokenizer.json for real text",
                              model=o.model)
             self.tokenizer = _ByteTokenizer()
-        if o.engine and not o.faithful and str(device).startswith("cuda"):
+        static = o.engine_kind == "static" or (o.engine_kind == "auto"
+                                                and str(device).startswith("cuda"))
+        if o.engine and not o.faithful and static:
+            # the KV pool's allocation and the CUDA graphs' capture: here, off the event loop
             t = time.perf_counter()
-            await self.run_sync(self.lm.engine, str(device), o.engine_kind,  # + CUDA graphs
-                                o.engine_capacity)
-            self.log.info("engine ready", graph_capture_s=round(time.perf_counter() - t, 2))
+            await self.run_sync(self.lm.engine, str(device), o.engine_kind, o.engine_capacity)
+            self.log.info("engine ready", setup_s=round(time.perf_counter() - t, 2))
         self._trace_file: IO[str] | None = None
         self._trace_lock = threading.Lock()
         if o.trace:

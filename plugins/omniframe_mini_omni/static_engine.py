@@ -208,9 +208,8 @@ class StaticEngineModel(MiniOmniEngineModel):
         self._fhost = torch.ones(self.rows, 2, dtype=torch.float32, pin_memory=pin)
         self._ihost[:, _GREEDY] = 1
         self._ihost[:, _WPOS] = self.max_len
-        self._idle_ids = [tokens.layershift(tokens.PAD_A, i) for i in range(tokens.N_AUDIO_LAYERS)]
-        self._idle_ids.append(tokens.PAD_T)
-        self._ihost[:, :8] = torch.tensor(self._idle_ids)
+        idle = [tokens.layershift(tokens.PAD_A, i) for i in range(tokens.N_AUDIO_LAYERS)]
+        self._ihost[:, :8] = torch.tensor([*idle, tokens.PAD_T])
         self.compiled = compile
         self._pre: Any = layer_pre
         self._post: Any = layer_post
@@ -224,7 +223,6 @@ class StaticEngineModel(MiniOmniEngineModel):
         self._slots: dict[int, int] = {}  # work id -> slot
         self._graphs: dict[tuple[int, int, bool], Any] = {}
         self._mempool: Any = None
-        self.last_bucket: tuple[int, int, bool] | None = None  # (Rb, Lb, sampled) of the last step
 
     @staticmethod
     def slot_bytes(model: Any, max_len: int | None = None) -> int:
@@ -362,7 +360,6 @@ class StaticEngineModel(MiniOmniEngineModel):
         Rb = bucket(top, 2, self.rows)
         Lb = bucket(longest, MIN_LEN_BUCKET, self.max_len)
         sampled = any(not t.greedy for t in turns)
-        self.last_bucket = (Rb, Lb, sampled)
         nb = self.device.type == "cuda"
         self._ibuf.copy_(host, non_blocking=nb)
         self._fbuf.copy_(self._fhost, non_blocking=nb)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from omniframe_mini_omni.device_sampling import (
-    counter_uniform,
+    counter_uniform_heads,
     filter_logits,
     mix32,
     sample_rows,
@@ -34,6 +34,10 @@ def test_mix32_stays_32_bit_and_spreads():
     assert torch.all((bits - 0.5).abs() < 0.02)
 
 
+def counter_uniform(seed, pos, head, n):
+    return counter_uniform_heads(seed, pos, torch.tensor([head]), n)[:, 0]
+
+
 def test_uniform_noise_is_a_function_of_its_counter():
     seed = torch.tensor([1, 2, 1])
     pos = torch.tensor([5, 5, 5])
@@ -46,6 +50,13 @@ def test_uniform_noise_is_a_function_of_its_counter():
     assert abs(float(flat.mean()) - 0.5) < 0.005
     hist = torch.histc(flat, bins=10, min=0, max=1) / flat.numel()
     assert torch.all((hist - 0.1).abs() < 0.005)
+
+
+def test_heads_at_once_equal_heads_one_by_one():
+    seed, pos = torch.tensor([5, 9]), torch.tensor([100, 3])
+    many = counter_uniform_heads(seed, pos, torch.arange(8), 300)
+    for h in range(8):
+        assert torch.equal(many[:, h], counter_uniform(seed, pos, h, 300))
 
 
 @settings(max_examples=60, deadline=None)
